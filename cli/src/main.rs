@@ -1,0 +1,5 @@
+//! The dwcp command-line tool.
+
+fn main() {
+    println!("dwcp");
+}

@@ -1,0 +1,613 @@
+//! Block compressors (stored, LZ4, ZStd), the policies that choose between
+//! them, and the measured estimates behind the `auto` policy.
+
+use std::time::Instant;
+
+use crate::{CodecError, DecodeError};
+
+/// The compression of a frame's payload, as written on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Compression {
+    /// The payload is stored as is.
+    Stored = 0,
+    /// One LZ4 block (the `lz4_flex` block format, no size prefix).
+    Lz4 = 1,
+    /// One or more ZStd frames.
+    Zstd = 2,
+}
+
+impl Compression {
+    /// The wire value, if known.
+    pub fn from_wire(v: u8) -> Option<Compression> {
+        match v {
+            0 => Some(Compression::Stored),
+            1 => Some(Compression::Lz4),
+            2 => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Stored => "stored",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// A concrete compressor setting the encoder can apply to a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// No compression.
+    Stored,
+    /// LZ4.
+    Lz4,
+    /// ZStd at this level.
+    Zstd(i32),
+}
+
+impl Method {
+    /// A short name (`stored`, `lz4`, `zstd-3`).
+    pub fn name(self) -> String {
+        match self {
+            Method::Stored => "stored".into(),
+            Method::Lz4 => "lz4".into(),
+            Method::Zstd(l) => format!("zstd-{l}"),
+        }
+    }
+}
+
+/// The ZStd level of the `internet` policy.
+///
+/// Chosen by measurement on the synthetic corpus (`dwcp bench codec`, see
+/// docs/codec.md): level 3 compresses about as well as levels 4-6 on page
+/// data while encoding roughly twice as fast, and level 1 loses several
+/// percent of ratio for a speed that a WAN link cannot use.
+pub const DEFAULT_INTERNET_LEVEL: i32 = 3;
+
+/// Highest ZStd level accepted.
+pub const MAX_ZSTD_LEVEL: i32 = 22;
+
+/// How the encoder compresses the raw pages and chunks of a frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// Never compress (`none`).
+    Stored,
+    /// LZ4: for links faster than a core can run ZStd.
+    Datacenter,
+    /// ZStd at `level`: for slow links where ratio pays.
+    Internet {
+        /// ZStd level, 1..=22.
+        level: i32,
+    },
+    /// Per frame, whatever maximises delivered bytes per second given the
+    /// link's bandwidth and the measured speed and ratio of each option.
+    Auto {
+        /// The bandwidth this encoder feeds, in bytes per second (its share
+        /// of the link when several encoders share one).
+        link_bytes_per_sec: f64,
+    },
+}
+
+impl Policy {
+    /// `internet` at the default level.
+    pub fn internet() -> Policy {
+        Policy::Internet {
+            level: DEFAULT_INTERNET_LEVEL,
+        }
+    }
+
+    /// A short name: `none`, `datacenter`, `internet`, `auto`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Stored => "none",
+            Policy::Datacenter => "datacenter",
+            Policy::Internet { .. } => "internet",
+            Policy::Auto { .. } => "auto",
+        }
+    }
+
+    /// Checks the policy's parameters.
+    pub fn validate(&self) -> Result<(), CodecError> {
+        match *self {
+            Policy::Internet { level } if !(1..=MAX_ZSTD_LEVEL).contains(&level) => {
+                Err(CodecError::InvalidConfig(format!(
+                    "zstd level {level} is outside 1..={MAX_ZSTD_LEVEL}"
+                )))
+            }
+            Policy::Auto { link_bytes_per_sec }
+                if !(link_bytes_per_sec > 0.0 && link_bytes_per_sec.is_finite()) =>
+            {
+                Err(CodecError::InvalidConfig(format!(
+                    "auto policy needs a positive link rate, got {link_bytes_per_sec}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Running estimate of one method's speed and ratio on recent blocks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Input bytes compressed per second, one core.
+    pub bytes_per_sec: f64,
+    /// Input bytes / output bytes (at least 1: stored is the fallback).
+    pub ratio: f64,
+}
+
+impl Estimate {
+    /// Delivered input bytes per second on a link of `link` bytes per
+    /// second: the slower of the compressor and the link carrying
+    /// compressed bytes.
+    pub fn delivered(&self, link: f64) -> f64 {
+        (link * self.ratio).min(self.bytes_per_sec)
+    }
+}
+
+/// The method among `candidates` that maximises delivered bytes per second
+/// on a link of `link` bytes per second (ties go to the earlier candidate).
+pub fn choose(link: f64, candidates: &[(Method, Estimate)]) -> Method {
+    let mut best = (Method::Stored, f64::MIN);
+    for &(m, e) in candidates {
+        let d = e.delivered(link);
+        if d > best.1 {
+            best = (m, d);
+        }
+    }
+    best.0
+}
+
+/// The methods `auto` considers.
+pub const AUTO_CANDIDATES: [Method; 5] = [
+    Method::Stored,
+    Method::Lz4,
+    Method::Zstd(1),
+    Method::Zstd(3),
+    Method::Zstd(9),
+];
+
+/// Sample size used to probe methods that are not currently chosen.
+const PROBE_BYTES: usize = 64 << 10;
+/// Probe the other methods once every this many blocks.
+const PROBE_EVERY: u64 = 64;
+/// Methods far too slow to win are re-probed this much less often.
+const SLOW_PROBE_FACTOR: u64 = 16;
+/// Weight of a new measurement in the running estimates.
+const EWMA: f64 = 0.25;
+
+/// Compression contexts of one encoder (or one core), reused for every
+/// block, plus the estimates of the `auto` policy.
+pub(crate) struct Compressors {
+    zstd: Vec<(i32, zstd::bulk::Compressor<'static>)>,
+    estimates: Vec<(Method, Option<Estimate>)>,
+    blocks: u64,
+    probe_scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Compressors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressors")
+            .field(
+                "zstd_levels",
+                &self.zstd.iter().map(|z| z.0).collect::<Vec<_>>(),
+            )
+            .field("estimates", &self.estimates)
+            .finish()
+    }
+}
+
+/// Upper bound of a compressed block of `len` input bytes, any method.
+pub(crate) fn bound(len: usize) -> usize {
+    lz4_flex::block::get_maximum_output_size(len)
+        .max(zstd::zstd_safe::compress_bound(len))
+        .max(len)
+}
+
+impl Compressors {
+    pub(crate) fn new() -> Compressors {
+        Compressors {
+            zstd: Vec::new(),
+            estimates: AUTO_CANDIDATES.iter().map(|&m| (m, None)).collect(),
+            blocks: 0,
+            probe_scratch: Vec::new(),
+        }
+    }
+
+    /// The current estimates of the `auto` candidates (None until measured).
+    pub(crate) fn estimates(&self) -> &[(Method, Option<Estimate>)] {
+        &self.estimates
+    }
+
+    /// The expected ratio of `method` on raw pages, for deciding whether a
+    /// delta beats sending the page raw; 1 until measured.
+    pub(crate) fn expected_ratio(&self, policy: &Policy) -> f64 {
+        let m = match *policy {
+            Policy::Stored => return 1.0,
+            Policy::Datacenter => Method::Lz4,
+            Policy::Internet { level } => Method::Zstd(level),
+            Policy::Auto { .. } => {
+                return self
+                    .estimates
+                    .iter()
+                    .filter_map(|e| e.1.map(|x| x.ratio))
+                    .fold(1.0, f64::max);
+            }
+        };
+        self.estimates
+            .iter()
+            .find(|e| e.0 == m)
+            .and_then(|e| e.1)
+            .map_or(1.0, |e| e.ratio)
+    }
+
+    fn zstd_ctx(&mut self, level: i32) -> Result<&mut zstd::bulk::Compressor<'static>, CodecError> {
+        let i = match self.zstd.iter().position(|z| z.0 == level) {
+            Some(i) => i,
+            None => {
+                let c = zstd::bulk::Compressor::new(level).map_err(|e| CodecError::Compress {
+                    codec: "zstd",
+                    reason: e.to_string(),
+                })?;
+                self.zstd.push((level, c));
+                self.zstd.len() - 1
+            }
+        };
+        Ok(&mut self.zstd[i].1)
+    }
+
+    /// Compresses `src` with `method` into `dst` (at least `bound(src.len())`
+    /// long); returns what was used and how many bytes were written. Falls
+    /// back to stored when the method does not shrink the block.
+    pub(crate) fn compress_with(
+        &mut self,
+        method: Method,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(Compression, usize), CodecError> {
+        let n = match method {
+            Method::Stored => None,
+            Method::Lz4 => Some(lz4_flex::block::compress_into(src, dst).map_err(|e| {
+                CodecError::Compress {
+                    codec: "lz4",
+                    reason: e.to_string(),
+                }
+            })?),
+            Method::Zstd(level) => {
+                let ctx = self.zstd_ctx(level)?;
+                Some(
+                    ctx.compress_to_buffer(src, dst)
+                        .map_err(|e| CodecError::Compress {
+                            codec: "zstd",
+                            reason: e.to_string(),
+                        })?,
+                )
+            }
+        };
+        match (method, n) {
+            (Method::Lz4, Some(n)) if n < src.len() => Ok((Compression::Lz4, n)),
+            (Method::Zstd(_), Some(n)) if n < src.len() => Ok((Compression::Zstd, n)),
+            _ => {
+                let Some(out) = dst.get_mut(..src.len()) else {
+                    return Err(CodecError::InvalidInput(format!(
+                        "output of {} bytes cannot hold a stored block of {}",
+                        dst.len(),
+                        src.len()
+                    )));
+                };
+                out.copy_from_slice(src);
+                Ok((Compression::Stored, src.len()))
+            }
+        }
+    }
+
+    /// Compresses one block under `policy`, choosing the method for `auto`
+    /// from the estimates and refreshing them.
+    pub(crate) fn compress(
+        &mut self,
+        policy: &Policy,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(Compression, usize), CodecError> {
+        if src.is_empty() {
+            return Ok((Compression::Stored, 0));
+        }
+        let method = match *policy {
+            Policy::Stored => Method::Stored,
+            Policy::Datacenter => Method::Lz4,
+            Policy::Internet { level } => Method::Zstd(level),
+            Policy::Auto { link_bytes_per_sec } => self.choose_auto(link_bytes_per_sec, src)?,
+        };
+        let track =
+            matches!(policy, Policy::Auto { .. }) || self.estimates.iter().any(|e| e.0 == method);
+        let t0 = track.then(Instant::now);
+        let r = self.compress_with(method, src, dst)?;
+        if let Some(t0) = t0 {
+            self.record(method, src.len(), r.1, t0.elapsed().as_secs_f64());
+        }
+        self.blocks += 1;
+        Ok(r)
+    }
+
+    fn record(&mut self, method: Method, input: usize, output: usize, secs: f64) {
+        let speed = input as f64 / secs.max(1e-9);
+        let ratio = input as f64 / output.max(1) as f64;
+        if let Some(slot) = self.estimates.iter_mut().find(|e| e.0 == method) {
+            slot.1 = Some(match slot.1 {
+                None => Estimate {
+                    bytes_per_sec: speed,
+                    ratio,
+                },
+                Some(e) => Estimate {
+                    bytes_per_sec: e.bytes_per_sec + EWMA * (speed - e.bytes_per_sec),
+                    ratio: e.ratio + EWMA * (ratio - e.ratio),
+                },
+            });
+        }
+    }
+
+    /// Probes candidates on a sample of `src` when due, then picks.
+    fn choose_auto(&mut self, link: f64, src: &[u8]) -> Result<Method, CodecError> {
+        let due = self.blocks.is_multiple_of(PROBE_EVERY);
+        let refresh = self.blocks.is_multiple_of(PROBE_EVERY * SLOW_PROBE_FACTOR);
+        if due || self.estimates.iter().any(|e| e.1.is_none()) {
+            let best_now = self
+                .estimates
+                .iter()
+                .filter_map(|e| e.1.map(|x| x.delivered(link)))
+                .fold(0.0, f64::max);
+            let sample = &src[..src.len().min(PROBE_BYTES)];
+            let mut scratch = std::mem::take(&mut self.probe_scratch);
+            scratch.resize(bound(sample.len()), 0);
+            for i in 0..self.estimates.len() {
+                let (m, est) = self.estimates[i];
+                let hopeless = est.is_some_and(|e| e.bytes_per_sec < best_now / 2.0);
+                if est.is_some() && !(due && (!hopeless || refresh)) {
+                    continue;
+                }
+                let t0 = Instant::now();
+                let (_, n) = self.compress_with(m, sample, &mut scratch)?;
+                self.record(m, sample.len(), n, t0.elapsed().as_secs_f64());
+            }
+            self.probe_scratch = scratch;
+        }
+        let known: Vec<(Method, Estimate)> = self
+            .estimates
+            .iter()
+            .filter_map(|e| e.1.map(|x| (e.0, x)))
+            .collect();
+        Ok(choose(link, &known))
+    }
+}
+
+/// Decompression contexts of one decoder, reused for every block.
+pub(crate) struct Decompressors {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for Decompressors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decompressors").finish_non_exhaustive()
+    }
+}
+
+impl Decompressors {
+    pub(crate) fn new() -> Decompressors {
+        Decompressors { zstd: None }
+    }
+
+    /// Decompresses `src` into `dst`, which is exactly the declared raw
+    /// size; anything that does not fill it exactly is an error.
+    pub(crate) fn decompress(
+        &mut self,
+        compression: Compression,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<(), DecodeError> {
+        let n = match compression {
+            Compression::Stored => {
+                if src.len() != dst.len() {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "stored payload length",
+                        declared: dst.len() as u64,
+                        actual: src.len() as u64,
+                    });
+                }
+                dst.copy_from_slice(src);
+                return Ok(());
+            }
+            Compression::Lz4 => {
+                lz4_flex::block::decompress_into(src, dst).map_err(|e| DecodeError::Decompress {
+                    codec: "lz4",
+                    reason: e.to_string(),
+                })?
+            }
+            Compression::Zstd => {
+                if self.zstd.is_none() {
+                    let mut d =
+                        zstd::bulk::Decompressor::new().map_err(|e| DecodeError::Decompress {
+                            codec: "zstd",
+                            reason: e.to_string(),
+                        })?;
+                    // One-shot decompression writes into `dst` and needs no
+                    // window buffer; cap the window anyway so a hostile frame
+                    // cannot ask for more than the limit allows.
+                    d.window_log_max(27).map_err(|e| DecodeError::Decompress {
+                        codec: "zstd",
+                        reason: e.to_string(),
+                    })?;
+                    self.zstd = Some(d);
+                }
+                let Some(d) = self.zstd.as_mut() else {
+                    unreachable!("initialised above")
+                };
+                d.decompress_to_buffer(src, dst)
+                    .map_err(|e| DecodeError::Decompress {
+                        codec: "zstd",
+                        reason: e.to_string(),
+                    })?
+            }
+        };
+        if n != dst.len() {
+            return Err(DecodeError::LengthMismatch {
+                what: "decompressed payload length",
+                declared: dst.len() as u64,
+                actual: n as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(gbps: f64, ratio: f64) -> Estimate {
+        Estimate {
+            bytes_per_sec: gbps * 1e9,
+            ratio,
+        }
+    }
+
+    const GBIT: f64 = 1e9 / 8.0;
+
+    fn typical() -> Vec<(Method, Estimate)> {
+        vec![
+            (Method::Stored, est(12.0, 1.0)),
+            (Method::Lz4, est(0.8, 1.9)),
+            (Method::Zstd(1), est(0.45, 2.4)),
+            (Method::Zstd(3), est(0.3, 2.6)),
+            (Method::Zstd(9), est(0.06, 2.8)),
+        ]
+    }
+
+    #[test]
+    fn fast_link_never_gets_a_compressor_slower_than_it() {
+        let link = 100.0 * GBIT;
+        let m = choose(link, &typical());
+        let e = typical().into_iter().find(|c| c.0 == m).unwrap().1;
+        assert!(
+            e.bytes_per_sec >= link || m == Method::Stored,
+            "picked {m:?}"
+        );
+    }
+
+    #[test]
+    fn slow_link_compresses() {
+        let m = choose(0.1 * GBIT, &typical());
+        assert_ne!(m, Method::Stored);
+        assert!(matches!(m, Method::Zstd(_)), "picked {m:?}");
+    }
+
+    #[test]
+    fn incompressible_data_goes_stored() {
+        let c = vec![
+            (Method::Stored, est(12.0, 1.0)),
+            (Method::Lz4, est(3.0, 1.0)),
+            (Method::Zstd(3), est(0.5, 1.0)),
+        ];
+        assert_eq!(choose(0.1 * GBIT, &c), Method::Stored);
+    }
+
+    #[test]
+    fn measured_auto_on_real_data() {
+        // Text-like data, measured for real: the slow link must compress,
+        // the 100 Gbit/s link must not pick anything slower than itself.
+        let words = [
+            "alpha ", "beta ", "gamma ", "delta ", "migrate ", "page ", "the ",
+        ];
+        let mut data = Vec::new();
+        let mut x: u64 = 1;
+        while data.len() < (1 << 20) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            data.extend_from_slice(words[(x >> 60) as usize % words.len()].as_bytes());
+        }
+        let mut dst = vec![0u8; bound(data.len())];
+        for (link, must_compress) in [(0.1 * GBIT, true), (100.0 * GBIT, false)] {
+            let mut c = Compressors::new();
+            let policy = Policy::Auto {
+                link_bytes_per_sec: link,
+            };
+            let (comp, _) = c.compress(&policy, &data, &mut dst).unwrap();
+            if must_compress {
+                assert_ne!(comp, Compression::Stored);
+            } else {
+                let known: Vec<_> = c
+                    .estimates()
+                    .iter()
+                    .filter_map(|e| e.1.map(|x| (e.0, x)))
+                    .collect();
+                let m = choose(link, &known);
+                let e = known.iter().find(|k| k.0 == m).unwrap().1;
+                assert!(
+                    m == Method::Stored || e.bytes_per_sec >= link,
+                    "{m:?} {e:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn round_trips_and_falls_back() {
+        let mut c = Compressors::new();
+        let mut d = Decompressors::new();
+        let text: Vec<u8> = b"hello hello hello hello ".repeat(1000);
+        let mut rnd = vec![0u8; 10000];
+        let mut x: u64 = 7;
+        for b in &mut rnd {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for m in [
+            Method::Stored,
+            Method::Lz4,
+            Method::Zstd(1),
+            Method::Zstd(19),
+        ] {
+            for src in [&text[..], &rnd[..]] {
+                let mut dst = vec![0u8; bound(src.len())];
+                let (comp, n) = c.compress_with(m, src, &mut dst).unwrap();
+                if src.len() == rnd.len() {
+                    assert_eq!(comp, Compression::Stored);
+                }
+                let mut out = vec![0u8; src.len()];
+                d.decompress(comp, &dst[..n], &mut out).unwrap();
+                assert_eq!(out, src);
+                // One byte too few or too many is refused.
+                let mut short = vec![0u8; src.len() - 1];
+                assert!(d.decompress(comp, &dst[..n], &mut short).is_err());
+                let mut long = vec![0u8; src.len() + 1];
+                assert!(d.decompress(comp, &dst[..n], &mut long).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn policy_validation() {
+        assert!(Policy::Internet { level: 0 }.validate().is_err());
+        assert!(Policy::Internet { level: 23 }.validate().is_err());
+        assert!(
+            Policy::Auto {
+                link_bytes_per_sec: 0.0
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Policy::Auto {
+                link_bytes_per_sec: f64::NAN
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(Policy::internet().validate().is_ok());
+    }
+}
