@@ -99,6 +99,8 @@ pub struct Encoder {
     store: Store,
     fps: FastMap<u64, u64>,
     local: FastMap<u64, (u64, usize)>,
+    order: Vec<(u8, u32, u64, usize)>,
+    seen: Vec<u64>,
     baseline: Option<BaselineAdvert>,
     comp: Compressors,
     seq: u64,
@@ -120,6 +122,8 @@ impl Encoder {
             store: Store::new(config.page_size.bytes(), config.state_limit),
             fps: FastMap::default(),
             local: FastMap::default(),
+            order: Vec::new(),
+            seen: Vec::new(),
             baseline: None,
             comp: Compressors::new(),
             seq: 0,
@@ -418,8 +422,11 @@ impl Encoder {
         let mut next_id = self.store.next_id();
         let ratio = self.comp.expected_ratio(&self.policy).max(1.0);
         let delta_cap = ((ps as f64 / ratio) as usize).min(ps / 2);
-        for (i, p) in pages.iter().enumerate() {
-            if page::is_zero(p.data) {
+        self.plan_order(pages);
+        for k in 0..self.order.len() {
+            let (class, _, _, i) = self.order[k];
+            let p = &pages[i];
+            if class == 0 {
                 stats.zero += 1;
                 if let Some(last) = self.pending.last_mut()
                     && let EntryKind::Zero { count } = &mut last.entry.kind
@@ -502,6 +509,36 @@ impl Encoder {
             });
         }
         stats
+    }
+
+    /// Chooses the order pages go into the frame: zero pages first (so
+    /// that runs merge), then pages whose previous version is held (delta
+    /// candidates) by index, then the rest grouped by [`page::signature`] so
+    /// that similar pages sit within the compressor's window. A batch that
+    /// names a page index twice keeps its own order (the last version must
+    /// stay last).
+    fn plan_order(&mut self, pages: &[PageRef<'_>]) {
+        self.order.clear();
+        self.seen.clear();
+        self.seen.extend(pages.iter().map(|p| p.index));
+        self.seen.sort_unstable();
+        let unique = self.seen.windows(2).all(|w| w[0] != w[1]);
+        for (i, p) in pages.iter().enumerate() {
+            let (class, sig) = if page::is_zero(p.data) {
+                (0, 0)
+            } else if !unique || self.store.page(p.index).is_some() {
+                (1, 0)
+            } else {
+                (2, u32::MAX - page::signature(p.data))
+            };
+            self.order.push((class, sig, p.index, i));
+        }
+        if unique {
+            self.order.sort_unstable();
+        } else {
+            // Zero pages are still tagged as such; the order is the caller's.
+            self.order.sort_by_key(|o| o.3);
+        }
     }
 
     fn content_count(&self) -> usize {

@@ -55,6 +55,8 @@ pub mod delta;
 mod encoder;
 mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod lz4;
 mod page;
 mod store;
 mod table;
@@ -69,7 +71,9 @@ pub use decoder::{DecodeLimits, DecodedPage, DecodedPages, Decoder};
 pub use encoder::{Encoder, FrameStats, PageRef, max_chunk_frame_len, max_page_frame_len};
 pub use error::{CodecError, DecodeError};
 pub use frame::SessionKey;
-pub use page::{ContentHash, PAGE_SIZE, PageSize, fingerprint, is_zero};
+pub use page::{
+    ContentHash, PAGE_SIZE, PageSize, count_zero_pages, fingerprint, is_zero, signature,
+};
 
 /// Default bytes of state (recent page contents) kept on each side: 64 MiB.
 pub const DEFAULT_STATE_LIMIT: usize = 64 << 20;

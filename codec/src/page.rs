@@ -76,6 +76,45 @@ pub fn is_zero(page: &[u8]) -> bool {
     blocks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Number of zero pages among the `page_size`-byte pages of `mem` (a
+/// trailing partial page is not counted). The zero scan, as one call.
+#[inline(never)]
+pub fn count_zero_pages(mem: &[u8], page_size: usize) -> usize {
+    if page_size == 0 {
+        return 0;
+    }
+    let mut zero = 0;
+    let mut pages = mem.chunks_exact(page_size).peekable();
+    while let Some(p) = pages.next() {
+        // Hardware prefetchers stop at 4 KiB boundaries: start the next
+        // page's stream while this one is scanned.
+        if let Some(next) = pages.peek() {
+            prefetch(next);
+        }
+        zero += usize::from(is_zero(p));
+    }
+    zero
+}
+
+/// Hints that the first lines of `data` will be read soon.
+#[inline(always)]
+pub fn prefetch(data: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..data.len().min(512)).step_by(64) {
+        // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has (it
+        // is in the target's baseline). It is a hint: it never faults and
+        // changes nothing the program can observe, and the address is inside
+        // `data` anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                data[off..].as_ptr().cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// A 64-bit fingerprint of a page from 16 eight-byte words sampled across
 /// it. It only nominates duplicate candidates: equal fingerprints are
 /// confirmed by comparing bytes (session content) or BLAKE3 hashes
@@ -102,6 +141,29 @@ pub fn fingerprint(page: &[u8]) -> u64 {
         h = (h ^ w).wrapping_mul(K).rotate_left(29);
     }
     h ^ (h >> 32)
+}
+
+/// A cheap content signature used to group similar pages inside a frame, so
+/// that the block compressor finds more matches within its window: the
+/// share of printable ASCII bytes and the number of distinct byte values in a
+/// 128-byte sample. Larger means "more text-like"; the value carries no
+/// meaning on the wire.
+#[inline]
+pub fn signature(page: &[u8]) -> u32 {
+    let len = page.len();
+    let stride = len / 128;
+    if stride == 0 {
+        return 0;
+    }
+    let mut seen = [0u64; 4];
+    let mut ascii = 0u32;
+    for i in 0..128 {
+        let b = page[i * stride + (i % stride)];
+        seen[(b >> 6) as usize] |= 1 << (b & 63);
+        ascii += u32::from((0x20..0x7f).contains(&b));
+    }
+    let distinct: u32 = seen.iter().map(|w| w.count_ones()).sum();
+    ((ascii / 16) << 8) | (distinct / 8)
 }
 
 /// A BLAKE3 content hash truncated to 128 bits: the name of a page's content

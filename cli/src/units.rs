@@ -1,0 +1,137 @@
+//! Sizes (`4096`, `64KiB`, `1GiB`), rates (`300mbit`, `1gbit`, `0`) and
+//! durations (`50ms`, `2s`) as the command line takes and prints them.
+
+use anyhow::{Context, Result, bail};
+
+fn split_number(s: &str) -> Result<(f64, &str)> {
+    let s = s.trim();
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    if end == 0 {
+        bail!("'{s}' does not start with a number");
+    }
+    let n: f64 = s[..end]
+        .parse()
+        .with_context(|| format!("'{s}' is not a number"))?;
+    Ok((n, s[end..].trim()))
+}
+
+/// Parses a size in bytes: a plain number, or a number with `KiB`, `MiB`,
+/// `GiB`, `TiB` (powers of 1024) or `kB`, `MB`, `GB` (powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let (n, unit) = split_number(s)?;
+    let mult: f64 = match unit {
+        "" | "B" => 1.0,
+        "KiB" | "K" | "k" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" | "T" => 1024.0f64.powi(4),
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => bail!("unknown size unit '{unit}' in '{s}' (use 4096, 64KiB, 512MiB, 1GiB)"),
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        bail!("size '{s}' is out of range");
+    }
+    if v.fract() != 0.0 {
+        bail!("size '{s}' is not a whole number of bytes");
+    }
+    Ok(v as u64)
+}
+
+/// Parses a rate in bits per second as tc writes them: `300mbit`, `1gbit`,
+/// `100kbit`, `10bit`, `0` (unlimited).
+pub fn parse_rate(s: &str) -> Result<u64> {
+    let (n, unit) = split_number(s)?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" if n == 0.0 => 0.0,
+        "bit" | "bps" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "tbit" => 1e12,
+        _ => bail!("unknown rate '{s}' (use 300mbit, 1gbit, 100gbit, or 0 for unlimited)"),
+    };
+    let v = n * mult;
+    if !v.is_finite() || v > u64::MAX as f64 || v.fract() != 0.0 {
+        bail!("rate '{s}' is out of range");
+    }
+    Ok(v as u64)
+}
+
+/// Formats bytes with binary units (`64KiB`, `1.5GiB`).
+pub fn format_size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}B")
+    } else if v.fract() == 0.0 {
+        format!("{v}{}", UNITS[u])
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// Formats a rate in bits per second the way tc does (`1gbit`, `300mbit`).
+pub fn format_rate(bps: u64) -> String {
+    if bps == 0 {
+        return "unlimited".into();
+    }
+    for (m, u) in [(1e12, "tbit"), (1e9, "gbit"), (1e6, "mbit"), (1e3, "kbit")] {
+        let v = bps as f64 / m;
+        if v >= 1.0 {
+            return if v.fract() == 0.0 {
+                format!("{v}{u}")
+            } else {
+                format!("{v:.2}{u}")
+            };
+        }
+    }
+    format!("{bps}bit")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("0.5").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999TiB").is_err());
+        assert_eq!(format_size(65536), "64KiB");
+        assert_eq!(format_size(3 << 29), "1.5GiB");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("300mbit").unwrap(), 300_000_000);
+        assert_eq!(parse_rate("1gbit").unwrap(), 1_000_000_000);
+        assert_eq!(parse_rate("100gbit").unwrap(), 100_000_000_000);
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("2.5Gbit").unwrap(), 2_500_000_000);
+        assert!(parse_rate("1gb").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("5").is_err());
+        assert_eq!(format_rate(1_000_000_000), "1gbit");
+        assert_eq!(format_rate(300_000_000), "300mbit");
+    }
+}
