@@ -452,10 +452,12 @@ impl Decompressors {
             }
         };
         if n != dst.len() {
-            return Err(DecodeError::LengthMismatch {
-                what: "decompressed payload length",
-                declared: dst.len() as u64,
-                actual: n as u64,
+            // A Decompress error: the output buffer may already hold part of
+            // the payload, so the decoder counts it as a state-changing
+            // failure (found by the page_frames fuzz target).
+            return Err(DecodeError::Decompress {
+                codec: compression.name(),
+                reason: format!("produced {n} bytes, the frame declares {}", dst.len()),
             });
         }
         Ok(())

@@ -454,14 +454,15 @@ impl Encoder {
             if let Some(base) = self.store.page(p.index)
                 && let Some(old) = self.store.content(base)
             {
-                if old == p.data {
-                    kind = EntryKind::Ref { target: base };
-                } else if let Some(len) = delta::encode(old, p.data, &mut self.deltas, delta_cap) {
-                    kind = EntryKind::Delta {
+                // One pass: an empty delta means the page did not change.
+                kind = match delta::encode(old, p.data, &mut self.deltas, delta_cap) {
+                    Some(0) => EntryKind::Ref { target: base },
+                    Some(len) => EntryKind::Delta {
                         base,
                         len: len as u64,
-                    };
-                }
+                    },
+                    None => EntryKind::Raw,
+                };
             }
             let want_dup = match kind {
                 EntryKind::Raw => true,

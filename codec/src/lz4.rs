@@ -55,11 +55,8 @@ pub fn decompress_into(input: &[u8], out: &mut [u8]) -> Result<(), Lz4Error> {
     let (mut ip, mut op) = (0usize, 0usize);
     let olen = out.len();
     if input.is_empty() {
-        return if olen == 0 {
-            Ok(())
-        } else {
-            Err(Lz4Error::Truncated)
-        };
+        // Even an empty block has its one token.
+        return Err(Lz4Error::Truncated);
     }
     loop {
         let token = *input.get(ip).ok_or(Lz4Error::Truncated)?;
@@ -187,6 +184,7 @@ mod tests {
     #[test]
     fn edge_cases() {
         check(&[]);
+        assert_eq!(decompress_into(&[], &mut []), Err(Lz4Error::Truncated));
         check(&[1]);
         check(&[0; 100_000]);
         check(&b"ab".repeat(40_000));
