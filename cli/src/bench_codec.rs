@@ -37,6 +37,8 @@ pub struct Options {
     pub references: bool,
     /// ZStd level of `internet`.
     pub internet_level: i32,
+    /// Iterations of each C tool run (`-i`).
+    pub ref_iterations: u32,
 }
 
 /// One row of the table / one JSON line.
@@ -312,7 +314,7 @@ fn or_all(mem: &[u8]) -> u64 {
 /// Runs `tool -bLEVEL file` and parses its last result line:
 /// `1#name : 1000 -> 500 (2.000), 800.0 MB/s, 4000.0 MB/s` (lz4 prints the
 /// ratio plain, zstd as `x2.000`). Both tools count MB as 10^6 bytes.
-fn reference(tool: &str, level: u32, file: &Path, corpus: &str) -> Row {
+fn reference(tool: &str, level: u32, iterations: u32, file: &Path, corpus: &str) -> Row {
     let name = format!("ref-{tool}-{level}");
     let mut row = Row {
         name,
@@ -326,7 +328,7 @@ fn reference(tool: &str, level: u32, file: &Path, corpus: &str) -> Row {
     };
     let out = match Command::new(tool)
         .arg(format!("-b{level}"))
-        .arg("-i3")
+        .arg(format!("-i{iterations}"))
         .arg(file)
         .output()
     {
@@ -512,7 +514,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
         ] {
             for (tool, level) in [("lz4", 1), ("zstd", 1), ("zstd", 3)] {
                 progress(&format!("{tool} -b{level} on {cname}"));
-                rows.push(reference(tool, level, file, cname));
+                rows.push(reference(tool, level, opts.ref_iterations, file, cname));
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -584,6 +586,7 @@ mod tests {
             zero_scan: 1 << 20,
             references: false,
             internet_level: 3,
+            ref_iterations: 1,
         };
         let rows = run(&opts, |_| {}).unwrap();
         assert_eq!(rows.len(), 10);

@@ -31,7 +31,7 @@ enum Cmd {
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Size of the built-in corpus.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     size: u64,
     /// One JSON object per line instead of the table.
     #[arg(long)]
@@ -107,6 +107,7 @@ fn bench_codec(a: &CodecBenchArgs) -> Result<()> {
         zero_scan: a.zero_scan,
         references: !a.no_references,
         internet_level: a.internet_level,
+        ref_iterations: 3,
     };
     let rows = bench_codec::run(&opts, progress(a.json))?;
     emit(&rows, a.link_rate, a.json);
@@ -144,6 +145,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
         zero_scan: a.size,
         references: true,
         internet_level: dwcp_codec::DEFAULT_INTERNET_LEVEL,
+        ref_iterations: 1,
     };
     let rows = bench_codec::run(&opts, progress(a.json))?;
     emit(&rows, opts.link_bps, a.json);

@@ -451,7 +451,9 @@ impl Encoder {
             let fp = page::fingerprint(p.data);
             let delta_off = self.deltas.len();
             let mut kind = EntryKind::Raw;
-            if let Some(base) = self.store.page(p.index)
+            // Class 2 means plan_order found no held version already.
+            if class == 1
+                && let Some(base) = self.store.page(p.index)
                 && let Some(old) = self.store.content(base)
             {
                 // One pass: an empty delta means the page did not change.

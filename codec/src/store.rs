@@ -68,6 +68,9 @@ pub(crate) struct Store {
     current: Option<(Placement, usize)>,
     /// Content offsets of the frame being written.
     offsets: Vec<u32>,
+    /// Offset vectors of evicted frames, reused so that a frame allocates
+    /// nothing once the ring is warm.
+    spare: Vec<Vec<u32>>,
 }
 
 impl Store {
@@ -83,6 +86,7 @@ impl Store {
             pages: FastMap::default(),
             current: None,
             offsets: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -178,7 +182,9 @@ impl Store {
     /// frame's contents are written to.
     pub(crate) fn begin(&mut self, plan: Placement, len: usize) -> &mut [u8] {
         for _ in 0..plan.evict {
-            self.frames.pop_front();
+            if let Some(f) = self.frames.pop_front() {
+                self.recycle(f.offsets);
+            }
         }
         self.current = Some((plan, len));
         self.offsets.clear();
@@ -273,6 +279,13 @@ impl Store {
         true
     }
 
+    fn recycle(&mut self, mut v: Vec<u32>) {
+        if self.spare.len() < 4 {
+            v.clear();
+            self.spare.push(v);
+        }
+    }
+
     /// Offset in the current region of the frame's `k`-th content page.
     pub(crate) fn content_offset_in_frame(&self, k: u64) -> Option<usize> {
         self.offsets
@@ -297,7 +310,8 @@ impl Store {
         let Some((plan, len)) = self.current else {
             return;
         };
-        let offsets = std::mem::take(&mut self.offsets);
+        let spare = self.spare.pop().unwrap_or_default();
+        let offsets = std::mem::replace(&mut self.offsets, spare);
         if plan.retained && !offsets.is_empty() {
             let first_id = self.next_id - offsets.len() as u64;
             self.frames.push_back(Retained {
@@ -307,10 +321,15 @@ impl Store {
                 offsets,
             });
             self.head = plan.start + len;
-        } else if !plan.retained && len > 0 {
-            // It did not fit: nothing before it survives either.
-            self.frames.clear();
-            self.head = 0;
+        } else {
+            if !plan.retained && len > 0 {
+                // It did not fit: nothing before it survives either.
+                while let Some(f) = self.frames.pop_front() {
+                    self.recycle(f.offsets);
+                }
+                self.head = 0;
+            }
+            self.recycle(offsets);
         }
         let live = self.frames.iter().map(|f| f.offsets.len()).sum::<usize>();
         if self.pages.len() > 2 * live + 65536 {
