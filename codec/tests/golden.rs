@@ -44,9 +44,12 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// One frame's pages: (index, content).
+type FramePages = Vec<(u64, Vec<u8>)>;
+
 /// Pages 0..32 of a small corpus, then a dirtied version of them, then a
 /// frame of duplicates and baseline pages.
-fn session() -> (Vec<Vec<(u64, Vec<u8>)>>, Vec<u8>) {
+fn session() -> (Vec<FramePages>, Vec<u8>) {
     let c = corpus::generate(32 * PS, ClassMix::STANDARD, 7);
     let v2 = c.dirtied(8);
     let base = corpus::generate(
