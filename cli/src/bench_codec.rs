@@ -146,7 +146,8 @@ fn measure(
     dec.prefault();
     let mut out = vec![0u8; max_page_frame_len(BATCH_PAGES, PAGE_SIZE)];
     let mut refs: Vec<PageRef<'_>> = Vec::with_capacity(BATCH_PAGES);
-    // Warm-up version: encoded and decoded, not timed.
+    // Warm-up version: encoded and decoded, not timed; kept for the check.
+    let mut warm_frames: Vec<Vec<u8>> = Vec::new();
     if let Some((data, pages)) = &w.warmup {
         for batch in pages.chunks(BATCH_PAGES) {
             refs.clear();
@@ -156,6 +157,7 @@ fn measure(
             }));
             let s = enc.encode_pages_into(&refs, &mut out)?;
             dec.decode_pages(&out[..s.frame_bytes as usize])?;
+            warm_frames.push(out[..s.frame_bytes as usize].to_vec());
         }
     }
     let mut frames: Vec<u8> = Vec::new();
@@ -175,16 +177,29 @@ fn measure(
         frames.extend_from_slice(&out[..s.frame_bytes as usize]);
         ends.push(frames.len());
     }
+    // Timed pass: decode every frame, nothing else between the calls (a
+    // check between them would evict the next frame from the cache).
     let mut t_dec = Duration::ZERO;
     let mut start = 0;
-    let mut seen: Vec<u64> = Vec::with_capacity(BATCH_PAGES);
-    let mut done: Vec<bool> = Vec::with_capacity(BATCH_PAGES);
-    for (end, batch) in ends.iter().zip(w.pages.chunks(BATCH_PAGES)) {
+    for end in &ends {
         let t0 = Instant::now();
         let d = dec.decode_pages(&frames[start..*end])?;
         t_dec += t0.elapsed();
-        // Verify outside the timed part: every page as sent, each once (the
-        // encoder may reorder a batch).
+        std::hint::black_box(d.stats.pages);
+        start = *end;
+    }
+    // Check pass, untimed: a fresh decoder (after the same warm-up) decodes
+    // the frames again and every page is compared with the input, each
+    // exactly once (the encoder may reorder a batch).
+    let mut check_dec = Decoder::new(&config);
+    for f in &warm_frames {
+        check_dec.decode_pages(f)?;
+    }
+    let mut seen: Vec<u64> = Vec::with_capacity(BATCH_PAGES);
+    let mut done: Vec<bool> = Vec::with_capacity(BATCH_PAGES);
+    let mut start = 0;
+    for (end, batch) in ends.iter().zip(w.pages.chunks(BATCH_PAGES)) {
+        let d = check_dec.decode_pages(&frames[start..*end])?;
         seen.clear();
         seen.extend(batch.iter().copied());
         seen.sort_unstable();
@@ -459,9 +474,15 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
         pages: all.clone(),
         warmup: None,
     };
+    // The non-zero pages as one contiguous image: the same bytes, in the
+    // same layout, as the file the C tools read.
+    let mut nz_bytes: Vec<u8> = Vec::with_capacity(nonzero.len() * PAGE_SIZE);
+    for &i in &nonzero {
+        nz_bytes.extend_from_slice(&data[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]);
+    }
     let nz = Workload {
-        data: &data,
-        pages: nonzero.clone(),
+        data: &nz_bytes,
+        pages: (0..nonzero.len() as u64).collect(),
         warmup: None,
     };
     let dirty = Workload {
@@ -499,14 +520,6 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
         let f_all = dir.join(&corpus_name);
         let f_nz = dir.join(&nonzero_name);
         std::fs::write(&f_all, &data).with_context(|| format!("writing {}", f_all.display()))?;
-        let nz_bytes: Vec<u8> = nonzero
-            .iter()
-            .flat_map(|&i| {
-                data[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
-                    .iter()
-                    .copied()
-            })
-            .collect();
         std::fs::write(&f_nz, &nz_bytes).with_context(|| format!("writing {}", f_nz.display()))?;
         for (file, cname) in [
             (&f_all, corpus_name.as_str()),

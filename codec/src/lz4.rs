@@ -49,6 +49,27 @@ fn read_len(input: &[u8], ip: &mut usize, mut len: usize) -> Result<usize, Lz4Er
     }
 }
 
+/// Copies a match of `mlen` bytes from `src` to `op = src + offset` where
+/// the two may overlap (the pattern of `offset` bytes repeats). The caller
+/// has checked `op + mlen <= out.len()`.
+#[inline(always)]
+fn copy_overlapping(out: &mut [u8], src: usize, op: usize, mlen: usize, offset: usize) {
+    if offset == 1 {
+        let b = out[src];
+        out[op..op + mlen].fill(b);
+    } else if offset >= mlen {
+        out.copy_within(src..src + mlen, op);
+    } else {
+        // Copy the pattern in growing pieces, each from bytes already final.
+        let mut done = 0;
+        while done < mlen {
+            let n = (offset + done).min(mlen - done);
+            out.copy_within(src..src + n, op + done);
+            done += n;
+        }
+    }
+}
+
 /// Decodes one LZ4 block from `input` into all of `out`: the block must
 /// produce exactly `out.len()` bytes.
 pub fn decompress_into(input: &[u8], out: &mut [u8]) -> Result<(), Lz4Error> {
@@ -59,6 +80,37 @@ pub fn decompress_into(input: &[u8], out: &mut [u8]) -> Result<(), Lz4Error> {
         return Err(Lz4Error::Truncated);
     }
     loop {
+        // Fast loop: short sequences (literals < 15, match < 19 bytes) far
+        // from both ends, where every fixed-size copy below stays in bounds
+        // (ip + 32 <= input, op + 64 <= out) and the block cannot end.
+        while ip + 32 <= input.len() && op + 64 <= olen {
+            let token = input[ip];
+            let lit = (token >> 4) as usize;
+            let ml = (token & 15) as usize;
+            if lit == 15 || ml == 15 {
+                break;
+            }
+            out[op..op + 16].copy_from_slice(&input[ip + 1..ip + 17]);
+            ip += 1 + lit;
+            op += lit;
+            let offset = u16::from_le_bytes([input[ip], input[ip + 1]]) as usize;
+            ip += 2;
+            let mlen = ml + 4;
+            if offset == 0 || offset > op {
+                return Err(Lz4Error::BadOffset);
+            }
+            let src = op - offset;
+            if offset >= 16 {
+                // Non-overlapping 16-byte pieces, each reading final bytes.
+                out.copy_within(src..src + 16, op);
+                if mlen > 16 {
+                    out.copy_within(src + 16..src + 32, op + 16);
+                }
+            } else {
+                copy_overlapping(out, src, op, mlen, offset);
+            }
+            op += mlen;
+        }
         let token = *input.get(ip).ok_or(Lz4Error::Truncated)?;
         ip += 1;
         // Literals.
@@ -106,20 +158,8 @@ pub fn decompress_into(input: &[u8], out: &mut [u8]) -> Result<(), Lz4Error> {
                 out.copy_within(src + k..src + k + WIDE, op + k);
                 k += WIDE;
             }
-        } else if offset == 1 {
-            let b = out[src];
-            out[op..end].fill(b);
-        } else if offset >= mlen {
-            out.copy_within(src..src + mlen, op);
         } else {
-            // Overlapping: the pattern of `offset` bytes repeats; copy it in
-            // growing pieces, each from bytes already final.
-            let mut done = 0;
-            while done < mlen {
-                let n = (offset + done).min(mlen - done);
-                out.copy_within(src..src + n, op + done);
-                done += n;
-            }
+            copy_overlapping(out, src, op, mlen, offset);
         }
         op = end;
     }
