@@ -408,6 +408,13 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
                     path.display()
                 );
             }
+            if whole != d.len() {
+                eprintln!(
+                    "dwcp: note: the last {} bytes of {} are not a whole {PAGE_SIZE}-byte page and are left out",
+                    d.len() - whole,
+                    path.display()
+                );
+            }
             d.truncate(whole);
             let name = path.file_name().map_or_else(
                 || path.display().to_string(),

@@ -119,24 +119,30 @@ pub fn fingerprint(page: &[u8]) -> u64 {
 /// A cheap content signature used to group similar pages inside a frame, so
 /// that the block compressor finds more matches within its window: the
 /// share of printable ASCII bytes and the number of distinct byte values in a
-/// 128-byte sample. Larger means "more text-like"; the value carries no
-/// meaning on the wire.
+/// 64-byte sample. Larger means "more text-like"; the value carries no
+/// meaning on the wire. It reads two bytes from each of 32 lines spread over
+/// the page (measured: sampling every line instead bought no ratio and cost
+/// time).
 #[inline]
 pub fn signature(page: &[u8]) -> u32 {
+    const SAMPLES: usize = 32;
     let len = page.len();
-    let stride = len / 128;
+    let stride = len / SAMPLES;
     if stride == 0 {
         return 0;
     }
     let mut seen = [0u64; 4];
     let mut ascii = 0u32;
-    for i in 0..128 {
-        let b = page[i * stride + (i % stride)];
-        seen[(b >> 6) as usize] |= 1 << (b & 63);
-        ascii += u32::from((0x20..0x7f).contains(&b));
+    for i in 0..SAMPLES {
+        // Two bytes from every sampled line, at offsets that vary by line.
+        let at = i * stride + (i * 5) % (stride - 1).max(1);
+        for &b in &page[at..(at + 2).min(len)] {
+            seen[(b >> 6) as usize] |= 1 << (b & 63);
+            ascii += u32::from((0x20..0x7f).contains(&b));
+        }
     }
     let distinct: u32 = seen.iter().map(|w| w.count_ones()).sum();
-    ((ascii / 16) << 8) | (distinct / 8)
+    ((ascii / 8) << 8) | (distinct / 8)
 }
 
 /// A BLAKE3 content hash truncated to 128 bits: the name of a page's content
