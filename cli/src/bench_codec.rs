@@ -376,7 +376,11 @@ fn reference(tool: &str, level: u32, iterations: u32, file: &Path, corpus: &str)
 }
 
 /// One pass of every C reference over `files`.
-fn reference_pass(files: &[(PathBuf, String)], opts: &Options, progress: &mut impl FnMut(&str)) -> Vec<Row> {
+fn reference_pass(
+    files: &[(PathBuf, String)],
+    opts: &Options,
+    progress: &mut impl FnMut(&str),
+) -> Vec<Row> {
     let mut rows = Vec::new();
     for (file, cname) in files {
         for (tool, level) in [("lz4", 1), ("zstd", 1), ("zstd", 3)] {
@@ -567,9 +571,13 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
         // before and a pass after ours.
         let after = reference_pass(&files, opts, &mut progress);
         let _ = std::fs::remove_dir_all(&dir);
-        rows.extend(before.into_iter().zip(after).map(|(a, b)| merge_reference(a, b)));
+        rows.extend(
+            before
+                .into_iter()
+                .zip(after)
+                .map(|(a, b)| merge_reference(a, b)),
+        );
     }
-    let _ = link_bytes;
     Ok(rows)
 }
 
