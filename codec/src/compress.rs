@@ -426,29 +426,22 @@ impl Decompressors {
                 })?
             }
             Compression::Zstd => {
-                if self.zstd.is_none() {
-                    let mut d =
-                        zstd::bulk::Decompressor::new().map_err(|e| DecodeError::Decompress {
-                            codec: "zstd",
-                            reason: e.to_string(),
-                        })?;
-                    // One-shot decompression writes into `dst` and needs no
-                    // window buffer; cap the window anyway so a hostile frame
-                    // cannot ask for more than the limit allows.
-                    d.window_log_max(27).map_err(|e| DecodeError::Decompress {
-                        codec: "zstd",
-                        reason: e.to_string(),
-                    })?;
-                    self.zstd = Some(d);
-                }
-                let Some(d) = self.zstd.as_mut() else {
-                    unreachable!("initialised above")
+                let zstd_err = |e: std::io::Error| DecodeError::Decompress {
+                    codec: "zstd",
+                    reason: e.to_string(),
                 };
-                d.decompress_to_buffer(src, dst)
-                    .map_err(|e| DecodeError::Decompress {
-                        codec: "zstd",
-                        reason: e.to_string(),
-                    })?
+                let d = match &mut self.zstd {
+                    Some(d) => d,
+                    slot => {
+                        let mut d = zstd::bulk::Decompressor::new().map_err(zstd_err)?;
+                        // One-shot decompression writes into `dst` and needs
+                        // no window buffer; cap the window anyway so a
+                        // hostile frame cannot ask for more.
+                        d.window_log_max(27).map_err(zstd_err)?;
+                        slot.insert(d)
+                    }
+                };
+                d.decompress_to_buffer(src, dst).map_err(zstd_err)?
             }
         };
         if n != dst.len() {
