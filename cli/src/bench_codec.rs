@@ -58,8 +58,10 @@ pub struct Row {
     pub stats: Option<FrameStats>,
     /// Input bytes.
     pub bytes: u64,
-    /// Extra note (reference rows: the tool's version or why skipped).
+    /// Extra note (reference rows: why a tool was skipped).
     pub note: Option<String>,
+    /// Zero-scan row: a flat read of the same memory, GB/s (its reference).
+    pub memory_read_gbps: Option<f64>,
 }
 
 impl Row {
@@ -94,12 +96,8 @@ impl Row {
         if let Some(n) = &self.note {
             v["note"] = json!(n);
         }
-        if let Some(m) = self
-            .note
-            .as_deref()
-            .and_then(|n| n.strip_prefix("memory read "))
-        {
-            v["memory_read_gbps"] = json!(m.trim_end_matches(" GB/s").parse::<f64>().ok());
+        if let Some(m) = self.memory_read_gbps {
+            v["memory_read_gbps"] = json!(m);
         }
         v
     }
@@ -274,6 +272,7 @@ fn codec_row(
         stats: Some(stats),
         bytes,
         note: None,
+        memory_read_gbps: None,
     })
 }
 
@@ -310,7 +309,8 @@ fn zero_scan(size: u64, repeat: usize) -> Row {
         ratio: None,
         stats: None,
         bytes: n as u64,
-        note: Some(format!("memory read {:.2} GB/s", median(reads))),
+        note: None,
+        memory_read_gbps: Some(median(reads)),
     }
 }
 
@@ -340,6 +340,7 @@ fn reference(tool: &str, level: u32, iterations: u32, file: &Path, corpus: &str)
         stats: None,
         bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
         note: None,
+        memory_read_gbps: None,
     };
     let out = match Command::new(tool)
         .arg(format!("-b{level}"))
@@ -590,7 +591,10 @@ pub fn print_table(rows: &[Row], link_bps: u64) {
     let f = |v: Option<f64>, p: usize| v.map_or_else(|| "-".to_string(), |x| format!("{x:.p$}"));
     for r in rows {
         let kinds = r.stats.as_ref().map_or_else(
-            || r.note.clone().unwrap_or_default(),
+            || match r.memory_read_gbps {
+                Some(m) => format!("memory read {m:.2} GB/s"),
+                None => r.note.clone().unwrap_or_default(),
+            },
             |s| {
                 format!(
                     "{}/{}/{}/{}/{}",

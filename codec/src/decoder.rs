@@ -358,10 +358,9 @@ impl Decoder {
                 EntryKind::Delta { base, len } => {
                     let len = len as usize;
                     if !self.store.copy_into_region(Some(base), 0, rebuilt_at) {
-                        return Err(DecodeError::MissingDeltaBase {
-                            entry: n as u64,
-                            page: e.index,
-                        });
+                        // Validated above; reaching here means the state is not what
+                        // validation saw.
+                        return Err(DecodeError::Desynchronized);
                     }
                     let region = self.store.region_mut();
                     let (body, rest) = region.split_at_mut(raw_len);
@@ -382,20 +381,14 @@ impl Decoder {
                         self.store.copy_into_region(Some(target), 0, rebuilt_at)
                     };
                     if !ok {
-                        return Err(DecodeError::UnknownReference {
-                            entry: n as u64,
-                            content: target,
-                        });
+                        return Err(DecodeError::Desynchronized);
                     }
                     rebuilt_at += ps;
                     rebuilt_at - ps
                 }
                 EntryKind::Base { hash } => {
                     let Some(src) = self.baseline.as_ref().and_then(|b| b.get(&hash)) else {
-                        return Err(DecodeError::UnknownBaseline {
-                            entry: n as u64,
-                            hash: hash.to_hex(),
-                        });
+                        return Err(DecodeError::Desynchronized);
                     };
                     self.store.region_mut()[rebuilt_at..rebuilt_at + ps].copy_from_slice(src);
                     rebuilt_at += ps;

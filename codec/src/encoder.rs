@@ -69,6 +69,13 @@ pub fn max_chunk_frame_len(len: usize) -> usize {
     HEADER_LEN + bound(len) + CHECKSUM_LEN
 }
 
+/// Most input bytes one frame may carry (pages x page size, or a chunk's
+/// length): 128 MiB. It keeps every header length inside its 32-bit field,
+/// and every frame's content (at most 1.5x its input: a delta body of up to
+/// half a page plus the rebuilt page) inside a default decoder's 256 MiB
+/// limit ([`DecodeLimits`](crate::DecodeLimits)).
+pub const MAX_FRAME_INPUT: usize = 128 << 20;
+
 /// A delta this short (bytes) is taken without looking for a duplicate.
 const SMALL_DELTA: usize = 64;
 
@@ -81,6 +88,8 @@ struct Pending {
     fp: u64,
     /// Delta body location in `deltas`.
     delta_off: usize,
+    /// Where the page's content lands in the frame's state region.
+    at: usize,
 }
 
 /// Encodes batches of pages into page frames and byte chunks into chunk
@@ -212,6 +221,12 @@ impl Encoder {
                 "{} pages in one frame, at most {}",
                 pages.len(),
                 table::MAX_ENTRIES
+            )));
+        }
+        if pages.len().saturating_mul(ps) > MAX_FRAME_INPUT {
+            return Err(CodecError::InvalidInput(format!(
+                "{} pages of {ps} bytes in one frame, at most {MAX_FRAME_INPUT} bytes",
+                pages.len()
             )));
         }
         let need = max_page_frame_len(pages.len(), ps);
@@ -353,9 +368,9 @@ impl Encoder {
         seq: u64,
         out: &mut [u8],
     ) -> Result<FrameStats, CodecError> {
-        if data.len() > u32::MAX as usize {
+        if data.len() > MAX_FRAME_INPUT {
             return Err(CodecError::InvalidInput(format!(
-                "chunk of {} bytes is over 4 GiB",
+                "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
                 data.len()
             )));
         }
@@ -443,6 +458,7 @@ impl Encoder {
                     input: i,
                     fp: 0,
                     delta_off: 0,
+                    at: 0,
                 });
                 continue;
             }
@@ -509,6 +525,7 @@ impl Encoder {
                 input: i,
                 fp,
                 delta_off,
+                at: 0,
             });
         }
         stats
@@ -587,7 +604,7 @@ impl Encoder {
             match p.entry.kind {
                 EntryKind::Raw => {
                     region[at..at + ps].copy_from_slice(data);
-                    p.delta_off = at;
+                    p.at = at;
                     at += ps;
                 }
                 EntryKind::Delta { len, .. } => {
@@ -596,12 +613,12 @@ impl Encoder {
                         .copy_from_slice(&self.deltas[p.delta_off..p.delta_off + len]);
                     at += len;
                     region[rebuilt..rebuilt + ps].copy_from_slice(data);
-                    p.delta_off = rebuilt;
+                    p.at = rebuilt;
                     rebuilt += ps;
                 }
                 EntryKind::Ref { .. } | EntryKind::Base { .. } => {
                     region[rebuilt..rebuilt + ps].copy_from_slice(data);
-                    p.delta_off = rebuilt;
+                    p.at = rebuilt;
                     rebuilt += ps;
                 }
                 EntryKind::Zero { .. } => {}
@@ -613,7 +630,7 @@ impl Encoder {
                     self.store.forget_pages(p.entry.index, count);
                 }
                 _ => {
-                    let id = self.store.add_content(p.entry.index, p.delta_off);
+                    let id = self.store.add_content(p.entry.index, p.at);
                     self.fps.insert(p.fp, id);
                 }
             }

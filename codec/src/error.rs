@@ -114,7 +114,9 @@ pub enum DecodeError {
         expected: u64,
     },
     /// An earlier frame failed after the decoder had started to change its
-    /// state; the state no longer matches the encoder's until both are reset.
+    /// state (or, while applying a frame, the state turned out not to be what
+    /// validating it saw); the state no longer matches the encoder's until
+    /// both are reset.
     #[error("decoder state is out of step after an earlier failure; reset both ends")]
     Desynchronized,
     /// The compressed payload is malformed.

@@ -68,7 +68,9 @@ pub use compress::{
     choose,
 };
 pub use decoder::{DecodeLimits, DecodedPage, DecodedPages, Decoder};
-pub use encoder::{Encoder, FrameStats, PageRef, max_chunk_frame_len, max_page_frame_len};
+pub use encoder::{
+    Encoder, FrameStats, MAX_FRAME_INPUT, PageRef, max_chunk_frame_len, max_page_frame_len,
+};
 pub use error::{CodecError, DecodeError};
 pub use frame::SessionKey;
 pub use page::{

@@ -434,3 +434,25 @@ fn counter_dirtied_pages_cost_under_41_bytes() {
     let per_page = f.len() as f64 / 256.0;
     assert!(per_page < 41.0, "{per_page} bytes per dirtied page");
 }
+
+#[test]
+fn frames_over_the_input_limit_are_refused_and_change_nothing() {
+    let big = CodecConfig {
+        page_size: PageSize::new(2 << 20).unwrap(),
+        ..CodecConfig::default()
+    };
+    let page = vec![7u8; 2 << 20];
+    let n = dwcp_codec::MAX_FRAME_INPUT / (2 << 20) + 1;
+    let pages: Vec<PageRef<'_>> = (0..n as u64)
+        .map(|index| PageRef { index, data: &page })
+        .collect();
+    let mut enc = Encoder::new(&big, Policy::Datacenter).unwrap();
+    let mut small = [0u8; 64];
+    let err = enc.encode_pages_into(&pages, &mut small).unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    // The refusal changed nothing: the next frame is still frame 0.
+    let mut f = Vec::new();
+    enc.encode_pages(&pages[..1], &mut f).unwrap();
+    let mut dec = Decoder::new(&big);
+    assert_eq!(dec.decode_pages(&f).unwrap().stats.raw, 1);
+}
