@@ -1,0 +1,838 @@
+//! TCP through the ring: listen, accept, connect, send (plain, vectored,
+//! zero-copy), receive (plain, vectored, multishot into provided buffers),
+//! shutdown, cancel and close.
+
+use std::io;
+use std::marker::PhantomData;
+use std::mem::{size_of, zeroed};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use io_uring::{cqueue, opcode, squeue, types};
+
+use crate::buf::{BufResult, IoBuf, IoBufMut};
+use crate::bufring::{LocalBufRing, RingBuf};
+use crate::driver::Completion;
+use crate::op::{Op, Operation};
+use crate::runtime::{self, not_on_worker};
+
+fn count_in(n: u32) {
+    let _ = runtime::with_local(|l| l.shared.metrics.bytes_in.add(n as u64));
+}
+
+fn count_out(n: u32) {
+    let _ = runtime::with_local(|l| l.shared.metrics.bytes_out.add(n as u64));
+}
+
+/// A socket address in the kernel's layout, boxed so its address is stable.
+struct RawAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl RawAddr {
+    fn empty() -> Box<Self> {
+        Box::new(Self {
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            storage: unsafe { zeroed() },
+            len: size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        })
+    }
+
+    fn from_addr(addr: SocketAddr) -> Box<Self> {
+        let mut raw = Self::empty();
+        match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for
+                // sockaddr_in.
+                unsafe { std::ptr::write((&raw mut raw.storage).cast::<libc::sockaddr_in>(), sin) };
+                raw.len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for
+                // sockaddr_in6.
+                unsafe {
+                    std::ptr::write((&raw mut raw.storage).cast::<libc::sockaddr_in6>(), sin6)
+                };
+                raw.len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            }
+        }
+        raw
+    }
+
+    fn to_addr(&self) -> Option<SocketAddr> {
+        match self.storage.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let sin = unsafe { &*(&raw const self.storage).cast::<libc::sockaddr_in>() };
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    u32::from_be(sin.sin_addr.s_addr).into(),
+                    u16::from_be(sin.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let sin6 = unsafe { &*(&raw const self.storage).cast::<libc::sockaddr_in6>() };
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    sin6.sin6_addr.s6_addr.into(),
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A TCP listener whose accepts go through the ring. `!Send`.
+pub struct LocalTcpListener {
+    inner: std::net::TcpListener,
+    _local: PhantomData<Rc<()>>,
+}
+
+impl LocalTcpListener {
+    /// Binds and listens (`SO_REUSEADDR` on, as `std` does).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Ok(Self::from_std(std::net::TcpListener::bind(addr)?))
+    }
+
+    /// Wraps a listening socket.
+    pub fn from_std(inner: std::net::TcpListener) -> Self {
+        Self {
+            inner,
+            _local: PhantomData,
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<(LocalTcpStream, SocketAddr)> {
+        Op::new(AcceptOp {
+            fd: self.inner.as_raw_fd(),
+            addr: RawAddr::empty(),
+        })
+        .await
+    }
+}
+
+struct AcceptOp {
+    fd: RawFd,
+    addr: Box<RawAddr>,
+}
+
+impl Operation for AcceptOp {
+    type Output = io::Result<(LocalTcpStream, SocketAddr)>;
+    fn entry(&mut self) -> squeue::Entry {
+        opcode::Accept::new(
+            types::Fd(self.fd),
+            (&raw mut self.addr.storage).cast(),
+            &raw mut self.addr.len,
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        let fd = c.into_io()? as RawFd;
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        let stream = LocalTcpStream::from_owned(unsafe { OwnedFd::from_raw_fd(fd) });
+        let peer = self
+            .addr
+            .to_addr()
+            .ok_or_else(|| io::Error::other("accepted a connection of an unknown family"))?;
+        Ok((stream, peer))
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        Err(e)
+    }
+}
+
+struct ConnectOp {
+    fd: RawFd,
+    addr: Box<RawAddr>,
+}
+
+impl Operation for ConnectOp {
+    type Output = io::Result<()>;
+    fn entry(&mut self) -> squeue::Entry {
+        opcode::Connect::new(
+            types::Fd(self.fd),
+            (&raw const self.addr.storage).cast(),
+            self.addr.len,
+        )
+        .build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        c.into_io().map(drop)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        Err(e)
+    }
+}
+
+/// A connected TCP socket whose IO goes through its core's ring. `!Send`:
+/// move it to another core with [`LocalTcpStream::into_std`] and
+/// [`LocalTcpStream::from_std`].
+pub struct LocalTcpStream {
+    fd: Option<OwnedFd>,
+    _local: PhantomData<Rc<()>>,
+}
+
+impl std::fmt::Debug for LocalTcpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTcpStream")
+            .field("fd", &self.raw_fd())
+            .finish()
+    }
+}
+
+impl LocalTcpStream {
+    fn from_owned(fd: OwnedFd) -> Self {
+        Self {
+            fd: Some(fd),
+            _local: PhantomData,
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// Connects to `addr`.
+    pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let stream = Self::from_owned(unsafe { OwnedFd::from_raw_fd(fd) });
+        Op::new(ConnectOp {
+            fd,
+            addr: RawAddr::from_addr(addr),
+        })
+        .await?;
+        Ok(stream)
+    }
+
+    /// Wraps a connected std socket (for example one moved from another core).
+    pub fn from_std(stream: std::net::TcpStream) -> io::Result<Self> {
+        // io_uring does its own readiness handling; blocking mode avoids
+        // needless EAGAIN retries inside the kernel.
+        stream.set_nonblocking(false)?;
+        Ok(Self::from_owned(OwnedFd::from(stream)))
+    }
+
+    /// Gives the socket back as a std socket (to move it to another core).
+    pub fn into_std(mut self) -> std::net::TcpStream {
+        match self.fd.take() {
+            Some(fd) => std::net::TcpStream::from(fd),
+            // Unreachable: `fd` is only taken here and in `close`/`drop`,
+            // which consume the stream.
+            None => {
+                // SAFETY: -1 is never a valid descriptor; the std socket will
+                // fail every call, which is the honest state of a closed one.
+                unsafe { std::net::TcpStream::from_raw_fd(-1) }
+            }
+        }
+    }
+
+    fn borrow_std<R>(&self, f: impl FnOnce(&std::net::TcpStream) -> R) -> R {
+        // SAFETY: the descriptor is ours and stays open for this call;
+        // ManuallyDrop keeps the temporary from closing it.
+        let s =
+            std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(self.raw_fd()) });
+        f(&s)
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.borrow_std(|s| s.local_addr())
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.borrow_std(|s| s.peer_addr())
+    }
+
+    /// Sets `TCP_NODELAY`.
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.borrow_std(|s| s.set_nodelay(on))
+    }
+
+    /// Sets the congestion control algorithm (`TCP_CONGESTION`), e.g. `bbr`.
+    pub fn set_congestion(&self, name: &str) -> io::Result<()> {
+        setsockopt_bytes(
+            self.raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_bytes(),
+        )
+    }
+
+    /// Sends from `buf` (one `send(2)`, `MSG_NOSIGNAL`); may send less.
+    pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
+        Op::new(SendOp {
+            fd: self.raw_fd(),
+            buf,
+            offset: 0,
+        })
+        .await
+    }
+
+    /// Sends all of `buf`.
+    pub async fn send_all<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
+        let total = buf.bytes_init();
+        let mut op = SendOp {
+            fd: self.raw_fd(),
+            buf,
+            offset: 0,
+        };
+        while op.offset < total {
+            let offset = op.offset;
+            let (res, buf) = Op::new(op).await;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => {
+                    op = SendOp {
+                        fd: self.raw_fd(),
+                        buf,
+                        offset: offset + n,
+                    }
+                }
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), op.buf)
+    }
+
+    /// Sends all of `buf` with `SEND_ZC` (the kernel pins the pages instead
+    /// of copying, where the device allows); falls back to a plain send
+    /// where the kernel lacks `SEND_ZC`. The buffer comes back only after the
+    /// kernel's notification that it no longer uses it.
+    pub async fn send_zc<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
+        if !runtime::with_local(|l| l.features.send_zc).unwrap_or(false) {
+            return self.send_all(buf).await;
+        }
+        let total = buf.bytes_init();
+        let mut op = SendZcOp {
+            fd: self.raw_fd(),
+            buf,
+            offset: 0,
+        };
+        while op.offset < total {
+            let offset = op.offset;
+            let (res, buf) = Op::new(op).await;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => {
+                    op = SendZcOp {
+                        fd: self.raw_fd(),
+                        buf,
+                        offset: offset + n,
+                    }
+                }
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), op.buf)
+    }
+
+    /// Sends the buffers in order with one `sendmsg(2)`; may send less than
+    /// all of them.
+    pub async fn send_vectored<B: IoBuf>(&self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let iov: Box<[libc::iovec]> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.stable_ptr() as *mut libc::c_void,
+                iov_len: b.bytes_init(),
+            })
+            .collect();
+        Op::new(MsgOp {
+            fd: self.raw_fd(),
+            bufs,
+            iov,
+            // SAFETY: all-zero is a valid msghdr.
+            msg: Box::new(unsafe { zeroed() }),
+            send: true,
+        })
+        .await
+    }
+
+    /// Receives into the buffers in order with one `recvmsg(2)`.
+    pub async fn recv_vectored<B: IoBufMut>(&self, mut bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        let iov: Box<[libc::iovec]> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.stable_mut_ptr().cast(),
+                iov_len: b.bytes_total(),
+            })
+            .collect();
+        Op::new(MsgOp {
+            fd: self.raw_fd(),
+            bufs,
+            iov,
+            // SAFETY: all-zero is a valid msghdr.
+            msg: Box::new(unsafe { zeroed() }),
+            send: false,
+        })
+        .await
+    }
+
+    /// Receives into `buf` (one `recv(2)`); `Ok(0)` means the peer closed.
+    pub async fn recv<B: IoBufMut>(&self, buf: B) -> BufResult<usize, B> {
+        Op::new(RecvOp {
+            fd: self.raw_fd(),
+            buf,
+        })
+        .await
+    }
+
+    /// Receives until `buf` is full. Fails with `UnexpectedEof` if the peer
+    /// closes first.
+    pub async fn recv_exact<B: IoBufMut>(&self, mut buf: B) -> BufResult<(), B> {
+        let total = buf.bytes_total();
+        let mut filled = 0;
+        while filled < total {
+            let (res, b) = Op::new(RecvAtOp {
+                fd: self.raw_fd(),
+                buf,
+                offset: filled,
+            })
+            .await;
+            buf = b;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
+                Ok(n) => filled += n,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// A multishot receive: one request, many completions, each into a
+    /// buffer the kernel picks from this core's provided-buffer ring. Falls
+    /// back to single receives where the kernel lacks it.
+    pub fn recv_multishot(&self) -> io::Result<RecvStream<'_>> {
+        let ring = runtime::with_local(|l| l.recv_ring.clone())
+            .ok_or_else(not_on_worker)?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "this engine has no provided-buffer ring (multishot receive unavailable)",
+                )
+            })?;
+        Ok(RecvStream {
+            stream: self,
+            ring,
+            key: None,
+            eof: false,
+        })
+    }
+
+    /// Shuts down one or both directions.
+    pub async fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let how = match how {
+            Shutdown::Read => libc::SHUT_RD,
+            Shutdown::Write => libc::SHUT_WR,
+            Shutdown::Both => libc::SHUT_RDWR,
+        };
+        Op::new(ShutdownOp {
+            fd: self.raw_fd(),
+            how,
+        })
+        .await
+    }
+
+    /// Cancels every operation in flight on this socket; they complete with
+    /// `ECANCELED` (`io::ErrorKind::Other`, raw error 125).
+    pub fn cancel_all(&self) -> io::Result<()> {
+        runtime::with_local(|l| l.driver.borrow_mut().cancel_fd(self.raw_fd()))
+            .ok_or_else(not_on_worker)?
+    }
+
+    /// Closes the socket through the ring and reports the result.
+    pub async fn close(mut self) -> io::Result<()> {
+        let Some(fd) = self.fd.take() else {
+            return Ok(());
+        };
+        Op::new(CloseOp {
+            fd: fd.into_raw_fd(),
+        })
+        .await
+    }
+}
+
+impl Drop for LocalTcpStream {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            close_on_drop(fd);
+        }
+    }
+}
+
+/// Closes `fd` through the ring when on a worker with room, else inline.
+pub(crate) fn close_on_drop(fd: OwnedFd) {
+    let raw = fd.as_raw_fd();
+    let queued = runtime::with_local(|l| {
+        let entry = opcode::Close::new(types::Fd(raw)).build();
+        // SAFETY: a close points to no memory.
+        unsafe { l.driver.borrow_mut().submit_detached(entry, Box::new(())) }
+    })
+    .unwrap_or(false);
+    if queued {
+        // The ring owns the close now.
+        let _ = fd.into_raw_fd();
+    }
+}
+
+fn setsockopt_bytes(fd: RawFd, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `value` is a live slice of the given length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+struct SendOp<B> {
+    fd: RawFd,
+    buf: B,
+    offset: usize,
+}
+
+impl<B: IoBuf> Operation for SendOp<B> {
+    type Output = BufResult<usize, B>;
+    fn entry(&mut self) -> squeue::Entry {
+        let len = self.buf.bytes_init().saturating_sub(self.offset);
+        // SAFETY: `offset <= bytes_init`, inside the buffer.
+        let ptr = unsafe {
+            self.buf
+                .stable_ptr()
+                .add(self.offset.min(self.buf.bytes_init()))
+        };
+        opcode::Send::new(types::Fd(self.fd), ptr, len.min(u32::MAX as usize) as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        let r = c.into_io().map(|n| {
+            count_out(n);
+            n as usize
+        });
+        (r, self.buf)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        (Err(e), self.buf)
+    }
+}
+
+struct SendZcOp<B> {
+    fd: RawFd,
+    buf: B,
+    offset: usize,
+}
+
+impl<B: IoBuf> Operation for SendZcOp<B> {
+    type Output = BufResult<usize, B>;
+    fn entry(&mut self) -> squeue::Entry {
+        let len = self.buf.bytes_init().saturating_sub(self.offset);
+        // SAFETY: `offset <= bytes_init`, inside the buffer.
+        let ptr = unsafe {
+            self.buf
+                .stable_ptr()
+                .add(self.offset.min(self.buf.bytes_init()))
+        };
+        opcode::SendZc::new(types::Fd(self.fd), ptr, len.min(u32::MAX as usize) as u32)
+            .buf_index(self.buf.fixed_index())
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        let r = c.into_io().map(|n| {
+            count_out(n);
+            n as usize
+        });
+        (r, self.buf)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        (Err(e), self.buf)
+    }
+}
+
+struct RecvOp<B> {
+    fd: RawFd,
+    buf: B,
+}
+
+impl<B: IoBufMut> Operation for RecvOp<B> {
+    type Output = BufResult<usize, B>;
+    fn entry(&mut self) -> squeue::Entry {
+        let len = self.buf.bytes_total().min(u32::MAX as usize) as u32;
+        opcode::Recv::new(types::Fd(self.fd), self.buf.stable_mut_ptr(), len).build()
+    }
+    fn complete(mut self, c: Completion) -> Self::Output {
+        let r = c.into_io().map(|n| {
+            count_in(n);
+            // SAFETY: the kernel wrote `n` bytes at the start of the buffer.
+            unsafe { self.buf.set_init(n as usize) };
+            n as usize
+        });
+        (r, self.buf)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        (Err(e), self.buf)
+    }
+}
+
+struct RecvAtOp<B> {
+    fd: RawFd,
+    buf: B,
+    offset: usize,
+}
+
+impl<B: IoBufMut> Operation for RecvAtOp<B> {
+    type Output = BufResult<usize, B>;
+    fn entry(&mut self) -> squeue::Entry {
+        let total = self.buf.bytes_total();
+        let offset = self.offset.min(total);
+        let len = (total - offset).min(u32::MAX as usize) as u32;
+        // SAFETY: `offset <= bytes_total`, inside the buffer.
+        let ptr = unsafe { self.buf.stable_mut_ptr().add(offset) };
+        opcode::Recv::new(types::Fd(self.fd), ptr, len).build()
+    }
+    fn complete(mut self, c: Completion) -> Self::Output {
+        let r = c.into_io().map(|n| {
+            count_in(n);
+            // SAFETY: bytes before `offset` were written by earlier receives,
+            // and the kernel wrote `n` more.
+            unsafe { self.buf.set_init(self.offset + n as usize) };
+            n as usize
+        });
+        (r, self.buf)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        (Err(e), self.buf)
+    }
+}
+
+struct MsgOp<B> {
+    fd: RawFd,
+    bufs: Vec<B>,
+    iov: Box<[libc::iovec]>,
+    msg: Box<libc::msghdr>,
+    send: bool,
+}
+
+impl<B: IoBuf> Operation for MsgOp<B>
+where
+    Vec<B>: Unpin,
+{
+    type Output = BufResult<usize, Vec<B>>;
+    fn entry(&mut self) -> squeue::Entry {
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len() as _;
+        if self.send {
+            opcode::SendMsg::new(types::Fd(self.fd), &raw const *self.msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        } else {
+            opcode::RecvMsg::new(types::Fd(self.fd), &raw mut *self.msg).build()
+        }
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        let r = c.into_io().map(|n| {
+            if self.send {
+                count_out(n);
+            } else {
+                count_in(n);
+            }
+            n as usize
+        });
+        (r, self.bufs)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        (Err(e), self.bufs)
+    }
+}
+
+struct ShutdownOp {
+    fd: RawFd,
+    how: i32,
+}
+
+impl Operation for ShutdownOp {
+    type Output = io::Result<()>;
+    fn entry(&mut self) -> squeue::Entry {
+        opcode::Shutdown::new(types::Fd(self.fd), self.how).build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        c.into_io().map(drop)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        Err(e)
+    }
+}
+
+pub(crate) struct CloseOp {
+    pub fd: RawFd,
+}
+
+impl Operation for CloseOp {
+    type Output = io::Result<()>;
+    fn entry(&mut self) -> squeue::Entry {
+        opcode::Close::new(types::Fd(self.fd)).build()
+    }
+    fn complete(self, c: Completion) -> Self::Output {
+        c.into_io().map(drop)
+    }
+    fn fail(self, e: io::Error) -> Self::Output {
+        // Not submitted: close it here so the descriptor does not leak.
+        // SAFETY: we own `fd` (taken out of an OwnedFd).
+        drop(unsafe { OwnedFd::from_raw_fd(self.fd) });
+        Err(e)
+    }
+}
+
+/// Chunks received by a multishot receive ([`LocalTcpStream::recv_multishot`]).
+pub struct RecvStream<'a> {
+    stream: &'a LocalTcpStream,
+    ring: LocalBufRing,
+    key: Option<usize>,
+    eof: bool,
+}
+
+impl RecvStream<'_> {
+    /// The next chunk; `None` once the peer closed.
+    pub async fn next(&mut self) -> Option<io::Result<RingBuf>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Polls for the next chunk.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<RingBuf>>> {
+        let Some(local) = runtime::with_local(Rc::clone) else {
+            return Poll::Ready(Some(Err(not_on_worker())));
+        };
+        loop {
+            if self.eof {
+                return Poll::Ready(None);
+            }
+            let key = match self.key {
+                Some(k) => k,
+                None => {
+                    if !self.ring.has_free() {
+                        // Every buffer is held by the application: wait for
+                        // one to come back before asking the kernel again.
+                        self.ring.wait_for_buffer(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    let entry = opcode::RecvMulti::new(
+                        types::Fd(self.stream.raw_fd()),
+                        self.ring.inner.bgid,
+                    )
+                    .build();
+                    // SAFETY: the receive writes only into ring buffers,
+                    // which live as long as the worker's ring (freed only
+                    // after every operation finished).
+                    match unsafe { local.driver.borrow_mut().submit(entry, true, cx) } {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(k)) => {
+                            self.key = Some(k);
+                            k
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+            };
+            let polled = local.driver.borrow_mut().poll_multi(key, cx);
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    // The kernel ended this request: re-arm.
+                    self.key = None;
+                }
+                Poll::Ready(Some(c)) => {
+                    if c.result < 0 {
+                        if c.result == -libc::ENOBUFS {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Err(io::Error::from_raw_os_error(-c.result))));
+                    }
+                    let Some(bid) = cqueue::buffer_select(c.flags) else {
+                        if c.result == 0 {
+                            self.eof = true;
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Err(io::Error::other(
+                            "multishot receive completed without a buffer",
+                        ))));
+                    };
+                    let buf = self.ring.take(bid, c.result as u32);
+                    if c.result == 0 {
+                        drop(buf);
+                        self.eof = true;
+                        return Poll::Ready(None);
+                    }
+                    count_in(c.result as u32);
+                    return Poll::Ready(Some(Ok(buf)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RecvStream<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let ring = self.ring.inner.clone();
+        let _ = runtime::with_local(|l| {
+            let queued = l.driver.borrow_mut().drain_multi(key);
+            for c in queued {
+                ring.recycle_flags(c.flags);
+            }
+            let r2 = ring.clone();
+            l.driver.borrow_mut().abandon(
+                key,
+                Box::new(()),
+                Some(Box::new(move |flags| r2.recycle_flags(flags))),
+            );
+        });
+    }
+}
