@@ -1,13 +1,16 @@
 //! `dwcp`: serve, send, benchmark and demonstrate dwcp.
 
 mod bench_codec;
+mod bench_engine;
+mod netref;
 mod units;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 /// dwcp moves memory images, files and running VMs between machines.
@@ -43,6 +46,53 @@ enum BenchCmd {
     /// The HDE codec per policy, with `lz4 -b1`, `zstd -b1` and `zstd -b3`
     /// on the same bytes.
     Codec(CodecBenchArgs),
+    /// The io_uring engine on loopback: bulk TCP throughput over 1 and N
+    /// connections and small-message echo latency, next to plain std::net
+    /// sockets and iperf3.
+    Engine(EngineBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct EngineBenchArgs {
+    /// Connections of the multi-connection bulk rows.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    connections: u64,
+    /// Engine workers (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+    /// Timed length of each run (50ms, 2s).
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    duration: Duration,
+    /// Bytes per send of the bulk rows (64KiB, 256KiB, 1MiB).
+    #[arg(long, value_parser = parse_size, default_value = "256KiB")]
+    write_size: u64,
+    /// Send with plain sends instead of zero-copy sends.
+    #[arg(long)]
+    no_zc: bool,
+    /// Receive with plain receives instead of a multishot receive.
+    #[arg(long)]
+    no_multishot: bool,
+    /// Engine sends in flight per bulk connection, each with its own buffer.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    in_flight: u64,
+    /// Size of each provided receive buffer of the multishot receive.
+    #[arg(long, value_parser = parse_size, default_value = "64KiB")]
+    recv_buffer_size: u64,
+    /// Runs of each measurement, interleaved; medians are printed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeat: u64,
+    /// Connections of the echo rows, one message in flight on each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    echo_connections: u64,
+    /// Bytes per echo message.
+    #[arg(long, value_parser = parse_size, default_value = "64")]
+    echo_size: u64,
+    /// How long an idle echo-engine worker polls before it sleeps (0: never).
+    #[arg(long, value_parser = parse_duration, default_value = "50us")]
+    spin: Duration,
+    /// One JSON object per line instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +135,10 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     units::parse_rate(s).map_err(|e| e.to_string())
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn progress(json: bool) -> impl FnMut(&str) {
     let show = !json && std::io::stderr().is_terminal();
     move |msg: &str| {
@@ -111,6 +165,42 @@ fn bench_codec(a: &CodecBenchArgs) -> Result<()> {
     };
     let rows = bench_codec::run(&opts, progress(a.json))?;
     emit(&rows, a.link_rate, a.json);
+    Ok(())
+}
+
+fn bench_engine(a: &EngineBenchArgs) -> Result<()> {
+    if a.duration.is_zero() {
+        bail!("--duration must be longer than 0");
+    }
+    if a.write_size == 0 || a.write_size > 1 << 30 {
+        bail!("--write-size must be between 1 byte and 1GiB");
+    }
+    if a.echo_size == 0 || a.echo_size > 1 << 20 {
+        bail!("--echo-size must be between 1 byte and 1MiB");
+    }
+    let opts = bench_engine::Options {
+        connections: a.connections as usize,
+        workers: a.workers.map(|w| w as usize),
+        duration: a.duration,
+        write_size: a.write_size as usize,
+        zero_copy: !a.no_zc,
+        multishot: !a.no_multishot,
+        in_flight: a.in_flight as usize,
+        recv_buffer_size: u32::try_from(a.recv_buffer_size)
+            .ok()
+            .filter(|n| (1..=1 << 24).contains(n))
+            .context("--recv-buffer-size must be between 1 byte and 16MiB")?,
+        repeat: a.repeat as usize,
+        echo_connections: a.echo_connections as usize,
+        echo_size: a.echo_size as usize,
+        spin: a.spin,
+    };
+    let report = bench_engine::run(&opts, progress(a.json))?;
+    if a.json {
+        report.print_json();
+    } else {
+        report.print_table();
+    }
     Ok(())
 }
 
@@ -157,6 +247,7 @@ fn main() -> ExitCode {
     let r = match &cli.command {
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(BenchCmd::Codec(a)) => bench_codec(a),
+        Cmd::Bench(BenchCmd::Engine(a)) => bench_engine(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

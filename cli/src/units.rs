@@ -1,6 +1,8 @@
 //! Sizes (`4096`, `64KiB`, `1GiB`), rates (`300mbit`, `1gbit`, `0`) and
 //! durations (`50ms`, `2s`) as the command line takes and prints them.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
 
 fn split_number(s: &str) -> Result<(f64, &str)> {
@@ -61,6 +63,42 @@ pub fn parse_rate(s: &str) -> Result<u64> {
         bail!("rate '{s}' is out of range");
     }
     Ok(v as u64)
+}
+
+/// Parses a duration: a number with `ns`, `us` (or `µs`), `ms`, `s` or
+/// `min`, such as `50us`, `50ms`, `2s`, `1.5s`; a bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let (n, unit) = split_number(s)?;
+    let nanos_per: f64 = match unit {
+        "" if n == 0.0 => 0.0,
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        "min" => 60e9,
+        _ => bail!("unknown duration '{s}' (use 50us, 50ms, 2s, or 0)"),
+    };
+    let v = n * nanos_per;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        bail!("duration '{s}' is out of range");
+    }
+    Ok(Duration::from_nanos(v.round() as u64))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it (`50us`, `3s`).
+pub fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        "0".into()
+    } else if ns.is_multiple_of(1_000_000_000) {
+        format!("{}s", ns / 1_000_000_000)
+    } else if ns.is_multiple_of(1_000_000) {
+        format!("{}ms", ns / 1_000_000)
+    } else if ns.is_multiple_of(1_000) {
+        format!("{}us", ns / 1_000)
+    } else {
+        format!("{ns}ns")
+    }
 }
 
 /// Formats bytes with binary units (`64KiB`, `1.5GiB`).
@@ -133,5 +171,25 @@ mod tests {
         assert!(parse_rate("5").is_err());
         assert_eq!(format_rate(1_000_000_000), "1gbit");
         assert_eq!(format_rate(300_000_000), "300mbit");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("50us").unwrap(), Duration::from_micros(50));
+        assert_eq!(parse_duration("50µs").unwrap(), Duration::from_micros(50));
+        assert_eq!(parse_duration("100ns").unwrap(), Duration::from_nanos(100));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert!(parse_duration("3").is_err());
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(Duration::from_micros(50)), "50us");
+        assert_eq!(format_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(format_duration(Duration::ZERO), "0");
     }
 }
