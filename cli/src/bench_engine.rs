@@ -245,7 +245,11 @@ impl Report {
     }
 
     /// One JSON object per line: the bulk rows, the echo rows, the summary.
+    /// A missing `iperf3` is said on stderr (stdout stays pure JSON).
     pub fn print_json(&self) {
+        if !self.iperf3_installed {
+            eprintln!("dwcp: iperf3 is not installed: no iperf3 rows");
+        }
         for r in &self.bulk {
             println!("{}", r.to_json());
         }

@@ -370,20 +370,23 @@ impl Local {
                 break;
             }
             // 4. Ring: submit, and reap or sleep.
+            let mut idle = Duration::ZERO;
             let ready = RUN_QUEUE.with(|q| !q.borrow().is_empty());
             if ready || self.has_remote_work(rx) {
                 let _ = self.driver.borrow_mut().enter(None);
             } else if !self.spin_for_work(rx) {
-                self.sleep(rx, draining);
+                idle = self.sleep(rx, draining);
             }
             let outcome = self.driver.borrow_mut().reap();
             if outcome.woken {
                 self.driver.borrow_mut().wake_armed = false;
             }
             let now = Instant::now();
-            metrics
-                .busy_ns
-                .add(now.duration_since(turn_start).as_nanos() as u64);
+            metrics.busy_ns.add(
+                now.duration_since(turn_start)
+                    .saturating_sub(idle)
+                    .as_nanos() as u64,
+            );
             turn_start = now;
         }
         self.teardown(rx);
@@ -417,14 +420,15 @@ impl Local {
         }
     }
 
-    fn sleep(&self, rx: &Receiver<Message>, draining: Option<Instant>) {
+    /// Sleeps in the ring; returns how long (counted as idle, not busy).
+    fn sleep(&self, rx: &Receiver<Message>, draining: Option<Instant>) -> Duration {
         self.arm_wake_read();
         self.shared.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if self.has_remote_work(rx) {
             self.shared.sleeping.store(false, Ordering::SeqCst);
             let _ = self.driver.borrow_mut().enter(None);
-            return;
+            return Duration::ZERO;
         }
         let timeout = if !self.deferred.borrow().is_empty() {
             Some(Duration::from_micros(50))
@@ -434,10 +438,9 @@ impl Local {
         let start = Instant::now();
         let _ = self.driver.borrow_mut().enter(Some(timeout));
         self.shared.sleeping.store(false, Ordering::SeqCst);
-        self.shared
-            .metrics
-            .idle_ns
-            .add(start.elapsed().as_nanos() as u64);
+        let slept = start.elapsed();
+        self.shared.metrics.idle_ns.add(slept.as_nanos() as u64);
+        slept
     }
 
     /// Cancels what is left and waits for the kernel to let go of every
