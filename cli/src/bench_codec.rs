@@ -103,7 +103,8 @@ impl Row {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median of `v` (mean of the middle two for an even count); 0 when empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {

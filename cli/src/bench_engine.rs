@@ -355,16 +355,7 @@ impl Report {
 
 /// Median of `v` (mean of the middle two for an even count); 0 when empty.
 fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    crate::bench_codec::median(v.to_vec())
 }
 
 /// A non-zero repeating byte pattern.
@@ -700,20 +691,8 @@ fn engine_echo(
         (Some(s), Some(l)) => (l - s).as_secs_f64(),
         _ => 0.0,
     };
-    let mut all: Vec<u64> = measured.into_iter().flat_map(|c| c.samples).collect();
-    let messages = all.len() as u64;
-    let (p50_us, p99_us) = netref::percentiles(&mut all);
-    Ok(EchoResult {
-        connections,
-        messages,
-        p50_us,
-        p99_us,
-        msgs_per_s: if elapsed > 0.0 {
-            messages as f64 / elapsed
-        } else {
-            0.0
-        },
-    })
+    let all: Vec<u64> = measured.into_iter().flat_map(|c| c.samples).collect();
+    Ok(EchoResult::from_samples(connections, all, elapsed))
 }
 
 /// The two engines of a run; dropped (stopped at once) on an early error.

@@ -74,6 +74,26 @@ pub struct EchoResult {
     pub msgs_per_s: f64,
 }
 
+impl EchoResult {
+    /// Summarises round-trip `samples` (nanoseconds) taken over `elapsed`
+    /// seconds on `connections` connections.
+    pub fn from_samples(connections: usize, mut samples: Vec<u64>, elapsed: f64) -> Self {
+        let messages = samples.len() as u64;
+        let (p50_us, p99_us) = percentiles(&mut samples);
+        Self {
+            connections,
+            messages,
+            p50_us,
+            p99_us,
+            msgs_per_s: if elapsed > 0.0 {
+                messages as f64 / elapsed
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 /// Median and 99th percentile of `samples` (nanoseconds), in microseconds.
 ///
 /// Uses the nearest-rank method: the p-th percentile is the smallest sample
@@ -305,19 +325,7 @@ pub fn std_echo(connections: usize, duration: Duration, msg_size: usize) -> Resu
                 last = last.max(end);
             }
             let elapsed = (last - start).as_secs_f64();
-            let messages = all.len() as u64;
-            let (p50_us, p99_us) = percentiles(&mut all);
-            Ok(EchoResult {
-                connections,
-                messages,
-                p50_us,
-                p99_us,
-                msgs_per_s: if elapsed > 0.0 {
-                    messages as f64 / elapsed
-                } else {
-                    0.0
-                },
-            })
+            Ok(EchoResult::from_samples(connections, all, elapsed))
         };
         let result = run();
         let served: Vec<_> = servers

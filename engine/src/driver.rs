@@ -292,6 +292,12 @@ impl Driver {
         }
     }
 
+    /// Forgets the memory parked by abandoned operations instead of freeing
+    /// it (teardown, when the kernel did not finish them in time).
+    pub fn leak_parked(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.slots));
+    }
+
     /// Asks the kernel to cancel every operation on `fd`.
     pub fn cancel_fd(&mut self, fd: i32) -> io::Result<()> {
         let cancel =

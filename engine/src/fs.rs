@@ -15,7 +15,7 @@ use crate::buf::{BufResult, IoBuf, IoBufMut};
 use crate::driver::Completion;
 use crate::net::{CloseOp, close_on_drop};
 use crate::op::{Op, Operation};
-use crate::runtime;
+use crate::runtime::{count_in, count_out};
 
 /// A file whose reads and writes go through its core's ring. `!Send`.
 pub struct LocalFile {
@@ -208,16 +208,6 @@ impl Drop for LocalFile {
     }
 }
 
-fn count(n: u32, input: bool) {
-    let _ = runtime::with_local(|l| {
-        if input {
-            l.shared.metrics.bytes_in.add(n as u64);
-        } else {
-            l.shared.metrics.bytes_out.add(n as u64);
-        }
-    });
-}
-
 struct ReadOp<B> {
     fd: RawFd,
     buf: B,
@@ -240,7 +230,7 @@ impl<B: IoBufMut> Operation for ReadOp<B> {
     }
     fn complete(mut self, c: Completion) -> Self::Output {
         let r = c.into_io().map(|n| {
-            count(n, true);
+            count_in(n);
             // SAFETY: the kernel wrote `n` bytes at the start of the buffer.
             unsafe { self.buf.set_init(n as usize) };
             n as usize
@@ -279,7 +269,7 @@ impl<B: IoBuf> Operation for WriteOp<B> {
     }
     fn complete(self, c: Completion) -> Self::Output {
         let r = c.into_io().map(|n| {
-            count(n, false);
+            count_out(n);
             n as usize
         });
         (r, self.buf)

@@ -16,15 +16,7 @@ use crate::buf::{BufResult, IoBuf, IoBufMut};
 use crate::bufring::{LocalBufRing, RingBuf};
 use crate::driver::Completion;
 use crate::op::{Op, Operation};
-use crate::runtime::{self, not_on_worker};
-
-fn count_in(n: u32) {
-    let _ = runtime::with_local(|l| l.shared.metrics.bytes_in.add(n as u64));
-}
-
-fn count_out(n: u32) {
-    let _ = runtime::with_local(|l| l.shared.metrics.bytes_out.add(n as u64));
-}
+use crate::runtime::{self, count_in, count_out, not_on_worker};
 
 /// A socket address in the kernel's layout, boxed so its address is stable.
 struct RawAddr {
@@ -304,17 +296,32 @@ impl LocalTcpStream {
             fd: self.raw_fd(),
             buf,
             offset: 0,
+            zero_copy: false,
         })
         .await
     }
 
     /// Sends all of `buf`.
     pub async fn send_all<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
+        self.send_whole(buf, false).await
+    }
+
+    /// Sends all of `buf` with `SEND_ZC` (the kernel pins the pages instead
+    /// of copying, where the device allows); falls back to a plain send
+    /// where the kernel lacks `SEND_ZC`. The buffer comes back only after the
+    /// kernel's notification that it no longer uses it.
+    pub async fn send_zc<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
+        let zero_copy = runtime::with_local(|l| l.features.send_zc).unwrap_or(false);
+        self.send_whole(buf, zero_copy).await
+    }
+
+    async fn send_whole<B: IoBuf>(&self, buf: B, zero_copy: bool) -> BufResult<(), B> {
         let total = buf.bytes_init();
         let mut op = SendOp {
             fd: self.raw_fd(),
             buf,
             offset: 0,
+            zero_copy,
         };
         while op.offset < total {
             let offset = op.offset;
@@ -326,38 +333,7 @@ impl LocalTcpStream {
                         fd: self.raw_fd(),
                         buf,
                         offset: offset + n,
-                    }
-                }
-                Err(e) => return (Err(e), buf),
-            }
-        }
-        (Ok(()), op.buf)
-    }
-
-    /// Sends all of `buf` with `SEND_ZC` (the kernel pins the pages instead
-    /// of copying, where the device allows); falls back to a plain send
-    /// where the kernel lacks `SEND_ZC`. The buffer comes back only after the
-    /// kernel's notification that it no longer uses it.
-    pub async fn send_zc<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
-        if !runtime::with_local(|l| l.features.send_zc).unwrap_or(false) {
-            return self.send_all(buf).await;
-        }
-        let total = buf.bytes_init();
-        let mut op = SendZcOp {
-            fd: self.raw_fd(),
-            buf,
-            offset: 0,
-        };
-        while op.offset < total {
-            let offset = op.offset;
-            let (res, buf) = Op::new(op).await;
-            match res {
-                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
-                Ok(n) => {
-                    op = SendZcOp {
-                        fd: self.raw_fd(),
-                        buf,
-                        offset: offset + n,
+                        zero_copy,
                     }
                 }
                 Err(e) => return (Err(e), buf),
@@ -412,6 +388,7 @@ impl LocalTcpStream {
         Op::new(RecvOp {
             fd: self.raw_fd(),
             buf,
+            offset: 0,
         })
         .await
     }
@@ -422,7 +399,7 @@ impl LocalTcpStream {
         let total = buf.bytes_total();
         let mut filled = 0;
         while filled < total {
-            let (res, b) = Op::new(RecvAtOp {
+            let (res, b) = Op::new(RecvOp {
                 fd: self.raw_fd(),
                 buf,
                 offset: filled,
@@ -532,25 +509,33 @@ fn setsockopt_bytes(fd: RawFd, level: i32, name: i32, value: &[u8]) -> io::Resul
     }
 }
 
+/// `send(2)` of `buf[offset..]`, as `SEND_ZC` when `zero_copy`.
 struct SendOp<B> {
     fd: RawFd,
     buf: B,
     offset: usize,
+    zero_copy: bool,
 }
 
 impl<B: IoBuf> Operation for SendOp<B> {
     type Output = BufResult<usize, B>;
     fn entry(&mut self) -> squeue::Entry {
-        let len = self.buf.bytes_init().saturating_sub(self.offset);
+        let init = self.buf.bytes_init();
+        let offset = self.offset.min(init);
+        let len = (init - offset).min(u32::MAX as usize) as u32;
         // SAFETY: `offset <= bytes_init`, inside the buffer.
-        let ptr = unsafe {
-            self.buf
-                .stable_ptr()
-                .add(self.offset.min(self.buf.bytes_init()))
-        };
-        opcode::Send::new(types::Fd(self.fd), ptr, len.min(u32::MAX as usize) as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
+        let ptr = unsafe { self.buf.stable_ptr().add(offset) };
+        let fd = types::Fd(self.fd);
+        if self.zero_copy {
+            opcode::SendZc::new(fd, ptr, len)
+                .buf_index(self.buf.fixed_index())
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            opcode::Send::new(fd, ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        }
     }
     fn complete(self, c: Completion) -> Self::Output {
         let r = c.into_io().map(|n| {
@@ -564,71 +549,14 @@ impl<B: IoBuf> Operation for SendOp<B> {
     }
 }
 
-struct SendZcOp<B> {
-    fd: RawFd,
-    buf: B,
-    offset: usize,
-}
-
-impl<B: IoBuf> Operation for SendZcOp<B> {
-    type Output = BufResult<usize, B>;
-    fn entry(&mut self) -> squeue::Entry {
-        let len = self.buf.bytes_init().saturating_sub(self.offset);
-        // SAFETY: `offset <= bytes_init`, inside the buffer.
-        let ptr = unsafe {
-            self.buf
-                .stable_ptr()
-                .add(self.offset.min(self.buf.bytes_init()))
-        };
-        opcode::SendZc::new(types::Fd(self.fd), ptr, len.min(u32::MAX as usize) as u32)
-            .buf_index(self.buf.fixed_index())
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-    }
-    fn complete(self, c: Completion) -> Self::Output {
-        let r = c.into_io().map(|n| {
-            count_out(n);
-            n as usize
-        });
-        (r, self.buf)
-    }
-    fn fail(self, e: io::Error) -> Self::Output {
-        (Err(e), self.buf)
-    }
-}
-
+/// `recv(2)` into `buf[offset..]`.
 struct RecvOp<B> {
     fd: RawFd,
     buf: B,
-}
-
-impl<B: IoBufMut> Operation for RecvOp<B> {
-    type Output = BufResult<usize, B>;
-    fn entry(&mut self) -> squeue::Entry {
-        let len = self.buf.bytes_total().min(u32::MAX as usize) as u32;
-        opcode::Recv::new(types::Fd(self.fd), self.buf.stable_mut_ptr(), len).build()
-    }
-    fn complete(mut self, c: Completion) -> Self::Output {
-        let r = c.into_io().map(|n| {
-            count_in(n);
-            // SAFETY: the kernel wrote `n` bytes at the start of the buffer.
-            unsafe { self.buf.set_init(n as usize) };
-            n as usize
-        });
-        (r, self.buf)
-    }
-    fn fail(self, e: io::Error) -> Self::Output {
-        (Err(e), self.buf)
-    }
-}
-
-struct RecvAtOp<B> {
-    fd: RawFd,
-    buf: B,
     offset: usize,
 }
 
-impl<B: IoBufMut> Operation for RecvAtOp<B> {
+impl<B: IoBufMut> Operation for RecvOp<B> {
     type Output = BufResult<usize, B>;
     fn entry(&mut self) -> squeue::Entry {
         let total = self.buf.bytes_total();

@@ -45,7 +45,8 @@ impl<T: Operation> Future for Op<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T::Output> {
         let this = &mut *self;
         let Some(data) = this.data.as_mut() else {
-            // Polled after completion: a caller bug; answer with an error.
+            // Polled after completion (a caller bug): like a fused future,
+            // it never resolves again.
             return Poll::Pending;
         };
         let local = match runtime::with_local(|l| l.clone()) {

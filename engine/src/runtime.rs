@@ -175,6 +175,16 @@ pub(crate) fn with_local<R>(f: impl FnOnce(&Rc<Local>) -> R) -> Option<R> {
     Some(f(&local))
 }
 
+/// Counts bytes received or read on the current worker.
+pub(crate) fn count_in(n: u32) {
+    let _ = with_local(|l| l.shared.metrics.bytes_in.add(n as u64));
+}
+
+/// Counts bytes sent or written on the current worker.
+pub(crate) fn count_out(n: u32) {
+    let _ = with_local(|l| l.shared.metrics.bytes_out.add(n as u64));
+}
+
 /// The error an operation returns when polled outside a worker.
 pub(crate) fn not_on_worker() -> std::io::Error {
     std::io::Error::other("not on a dwcp engine worker thread")
@@ -471,6 +481,7 @@ impl Local {
         }
         if driver.in_flight() > 0 {
             // The kernel still holds buffers: never free memory it may write.
+            driver.leak_parked();
             self.pool.leak();
             if let Some(r) = &self.recv_ring {
                 r.leak();
