@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use dwcp_engine::{
-    Engine, Features, LocalBufPool, LocalTcpStream, PoolBuf, RemoteHandle, spawn_local,
+    Engine, Features, LocalBufPool, LocalTcpStream, PoolBuf, RemoteHandle, ZeroCopy, spawn_local,
 };
 use serde_json::{Value, json};
 
@@ -173,6 +173,8 @@ pub struct Report {
     pub iperf3_installed: bool,
     /// What the bulk engine's kernel offered.
     pub features: Features,
+    /// What `send_zc` learnt on the last bulk engine run's first socket.
+    pub zero_copy: ZeroCopy,
     /// Workers of each engine.
     pub workers: usize,
     /// The options the run used.
@@ -230,6 +232,7 @@ impl Report {
             "duration_s": self.options.duration.as_secs_f64(),
             "write_size": self.options.write_size,
             "send_zc": self.options.zero_copy && self.features.send_zc,
+            "send_zc_kernel_copied": self.options.zero_copy && self.zero_copy == ZeroCopy::Copies,
             "recv_multishot": self.options.multishot && self.features.recv_multishot,
             "registered_buffers": self.features.registered_buffers,
             "in_flight": self.options.in_flight,
@@ -331,10 +334,10 @@ impl Report {
             o.repeat,
             format_duration(o.duration),
             self.workers,
-            if o.zero_copy && self.features.send_zc {
-                "send_zc"
-            } else {
-                "send_all"
+            match (o.zero_copy && self.features.send_zc, self.zero_copy) {
+                (true, ZeroCopy::Copies) => "send_zc (the kernel copied: plain sends)",
+                (true, _) => "send_zc",
+                (false, _) => "send_all",
             },
             format_size(o.write_size as u64),
             if o.multishot && self.features.recv_multishot {
@@ -474,7 +477,7 @@ async fn bulk_send(
     write_size: usize,
     zero_copy: bool,
     in_flight: usize,
-) -> Result<()> {
+) -> Result<ZeroCopy> {
     let stream = Rc::new(LocalTcpStream::from_std(stream).context("wrapping the sender socket")?);
     let pool = pool()?;
     let mut extra = Vec::with_capacity(in_flight.saturating_sub(1));
@@ -499,7 +502,8 @@ async fn bulk_send(
     stream
         .shutdown(Shutdown::Write)
         .await
-        .context("shutting down the sending side")
+        .context("shutting down the sending side")?;
+    Ok(stream.zero_copy())
 }
 
 /// Settings of the bulk engine runs.
@@ -518,7 +522,7 @@ fn engine_bulk(
     connections: usize,
     duration: Duration,
     c: BulkConfig,
-) -> Result<BulkResult> {
+) -> Result<(BulkResult, ZeroCopy)> {
     let pairs = loopback_pairs(connections)?;
     let workers = engine.workers();
     let multishot = c.multishot && engine.features().recv_multishot;
@@ -547,18 +551,19 @@ fn engine_bulk(
     let limit = deadline + GRACE;
     let sent = join_all(senders, limit, "engine bulk sender");
     let received = join_all(receivers, limit, "engine bulk receiver");
-    sent?;
+    let zero_copy = sent?.first().copied().unwrap_or(ZeroCopy::Untried);
     let mut bytes = 0;
     let mut last = start;
     for (b, end) in received? {
         bytes += b;
         last = last.max(end);
     }
-    Ok(BulkResult {
+    let result = BulkResult {
         connections,
         bytes,
         seconds: (last - start).as_secs_f64(),
-    })
+    };
+    Ok((result, zero_copy))
 }
 
 /// Sends `msg`, receives the reply into `reply` and checks it.
@@ -797,6 +802,7 @@ fn measure(o: &Options, engines: &Engines, progress: &mut impl FnMut(&str)) -> R
     let mut bulk: Vec<Vec<BulkResult>> = vec![Vec::new(); steps.len()];
     let mut echo: Vec<Vec<EchoResult>> = vec![Vec::new(); steps.len()];
     let mut iperf3_installed = true;
+    let mut zero_copy = ZeroCopy::Untried;
     for pass in 1..=o.repeat {
         for (k, &step) in steps.iter().enumerate() {
             if matches!(step, Step::Iperf3(_)) && !iperf3_installed {
@@ -808,10 +814,10 @@ fn measure(o: &Options, engines: &Engines, progress: &mut impl FnMut(&str)) -> R
                 Step::EngineBulk(n) => {
                     engine_bulk(&engines.bulk, n, BULK_WARMUP, bulk_config)
                         .with_context(|| format!("warm-up of {}", what()))?;
-                    bulk[k].push(
-                        engine_bulk(&engines.bulk, n, o.duration, bulk_config)
-                            .with_context(what)?,
-                    );
+                    let (r, zc) = engine_bulk(&engines.bulk, n, o.duration, bulk_config)
+                        .with_context(what)?;
+                    bulk[k].push(r);
+                    zero_copy = zc;
                 }
                 Step::StdBulk(n) => {
                     bulk[k].push(netref::std_bulk(n, o.duration, o.write_size).with_context(what)?)
@@ -836,6 +842,7 @@ fn measure(o: &Options, engines: &Engines, progress: &mut impl FnMut(&str)) -> R
         echo: Vec::new(),
         iperf3_installed,
         features: engines.bulk.features(),
+        zero_copy,
         workers: engines.bulk.workers(),
         options: o.clone(),
     };
@@ -945,7 +952,8 @@ mod tests {
         };
         let r = engine_bulk(&engines.bulk, 3, Duration::from_millis(100), c);
         engines.shutdown().unwrap();
-        let r = r.unwrap();
+        let (r, zc) = r.unwrap();
+        assert_eq!(zc, ZeroCopy::Untried, "send_all never tries zero copy");
         assert_eq!(r.connections, 3);
         assert!(r.bytes > 0 && r.gbps() > 0.0, "{r:?}");
     }

@@ -36,9 +36,26 @@ pub(crate) struct Completion {
     pub result: i32,
     /// The CQE flags (`F_MORE`, `F_BUFFER`, `F_NOTIF`, ...).
     pub flags: u32,
+    /// `SEND_ZC` only: the notification said the kernel copied the data
+    /// instead of sending from the pinned pages (loopback, devices without
+    /// scatter-gather), so zero copy bought nothing.
+    pub zc_copied: bool,
 }
 
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a `SEND_ZC` notification's result
+/// when the SQE asked for `IORING_SEND_ZC_REPORT_USAGE` and the kernel copied.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
 impl Completion {
+    /// A completion with `result` and `flags`.
+    pub fn new(result: i32, flags: u32) -> Self {
+        Self {
+            result,
+            flags,
+            zc_copied: false,
+        }
+    }
+
     /// The result as an `io::Result`.
     pub fn into_io(self) -> io::Result<u32> {
         if self.result < 0 {
@@ -209,10 +226,7 @@ impl Driver {
     pub fn poll_single(&mut self, key: usize, cx: &mut Context<'_>) -> Poll<Completion> {
         let Some(slot) = self.slots.get_mut(key) else {
             // Cannot happen: the key belongs to the live future that polls.
-            return Poll::Ready(Completion {
-                result: -libc::ECANCELED,
-                flags: 0,
-            });
+            return Poll::Ready(Completion::new(-libc::ECANCELED, 0));
         };
         match &mut slot.lifecycle {
             Lifecycle::Done(c) => {
@@ -224,10 +238,9 @@ impl Driver {
                 set_waker(w, cx);
                 Poll::Pending
             }
-            Lifecycle::Multi { .. } | Lifecycle::Ignored(_) => Poll::Ready(Completion {
-                result: -libc::EINVAL,
-                flags: 0,
-            }),
+            Lifecycle::Multi { .. } | Lifecycle::Ignored(_) => {
+                Poll::Ready(Completion::new(-libc::EINVAL, 0))
+            }
         }
     }
 
@@ -357,26 +370,14 @@ impl Driver {
     /// Returns the tokens of internal completions seen (wake-up reads).
     pub fn reap(&mut self) -> ReapOutcome {
         let mut outcome = ReapOutcome::default();
-        let mut batch = [(
-            0u64,
-            Completion {
-                result: 0,
-                flags: 0,
-            },
-        ); 64];
+        let mut batch = [(0u64, Completion::new(0, 0)); 64];
         loop {
             let mut n = 0;
             {
                 let mut cq = self.ring.completion();
                 cq.sync();
                 for cqe in &mut cq {
-                    batch[n] = (
-                        cqe.user_data(),
-                        Completion {
-                            result: cqe.result(),
-                            flags: cqe.flags(),
-                        },
-                    );
+                    batch[n] = (cqe.user_data(), Completion::new(cqe.result(), cqe.flags()));
                     n += 1;
                     if n == batch.len() {
                         break;
@@ -429,8 +430,16 @@ impl Driver {
                     Lifecycle::Partial(first, w)
                 } else {
                     wake(w);
-                    // A notification carries no result of its own.
-                    Lifecycle::Done(if cqueue::notif(c.flags) { first } else { c })
+                    // A notification carries no result of its own, only
+                    // whether the kernel copied after all.
+                    Lifecycle::Done(if cqueue::notif(c.flags) {
+                        Completion {
+                            zc_copied: c.result as u32 & NOTIF_USAGE_ZC_COPIED != 0,
+                            ..first
+                        }
+                    } else {
+                        c
+                    })
                 }
             }
             Lifecycle::Multi {

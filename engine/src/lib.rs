@@ -60,7 +60,7 @@ pub use engine::{Engine, EngineBuilder, EngineHandle, Features, current_core, sp
 pub use error::{EngineError, TaskError};
 pub use fs::{LocalFile, OpenOptions};
 pub use metrics::{CoreMetrics, CoreMetricsSnapshot, Counter};
-pub use net::{LocalTcpListener, LocalTcpStream, RecvStream};
+pub use net::{LocalTcpListener, LocalTcpStream, RecvStream, ZeroCopy};
 pub use runtime::{local_state, spawn_local};
 pub use task::{JoinHandle, RemoteHandle};
 pub use time::{Elapsed, Sleep, Timeout, sleep, timeout, yield_now};

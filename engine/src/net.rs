@@ -2,6 +2,7 @@
 //! zero-copy), receive (plain, vectored, multishot into provided buffers),
 //! shutdown, cancel and close.
 
+use std::cell::Cell;
 use std::io;
 use std::marker::PhantomData;
 use std::mem::{size_of, zeroed};
@@ -190,7 +191,26 @@ impl Operation for ConnectOp {
 /// [`LocalTcpStream::from_std`].
 pub struct LocalTcpStream {
     fd: Option<OwnedFd>,
+    /// Whether `SEND_ZC` has paid on this socket; see [`ZeroCopy`].
+    zero_copy: Cell<ZeroCopy>,
     _local: PhantomData<Rc<()>>,
+}
+
+/// What `SEND_ZC` has done on one socket. The route of a connected socket
+/// does not change, so the first notification decides: where the kernel
+/// reports that it copied anyway (loopback, a device without
+/// scatter-gather), zero copy only adds a second completion and page
+/// pinning, and [`LocalTcpStream::send_zc`] sends plainly from then on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// No `SEND_ZC` completed yet on this socket.
+    Untried,
+    /// The kernel sent from the pinned pages.
+    Works,
+    /// The kernel copied; sends are plain from now on.
+    Copies,
+    /// The kernel has no `SEND_ZC`.
+    Unsupported,
 }
 
 impl std::fmt::Debug for LocalTcpStream {
@@ -205,12 +225,19 @@ impl LocalTcpStream {
     fn from_owned(fd: OwnedFd) -> Self {
         Self {
             fd: Some(fd),
+            zero_copy: Cell::new(ZeroCopy::Untried),
             _local: PhantomData,
         }
     }
 
     fn raw_fd(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// What [`LocalTcpStream::send_zc`] has learnt about zero copy on this
+    /// socket.
+    pub fn zero_copy(&self) -> ZeroCopy {
+        self.zero_copy.get()
     }
 
     /// Connects to `addr`.
@@ -292,13 +319,14 @@ impl LocalTcpStream {
 
     /// Sends from `buf` (one `send(2)`, `MSG_NOSIGNAL`); may send less.
     pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
-        Op::new(SendOp {
+        let (res, buf, _) = Op::new(SendOp {
             fd: self.raw_fd(),
             buf,
             offset: 0,
             zero_copy: false,
         })
-        .await
+        .await;
+        (res, buf)
     }
 
     /// Sends all of `buf`.
@@ -307,15 +335,21 @@ impl LocalTcpStream {
     }
 
     /// Sends all of `buf` with `SEND_ZC` (the kernel pins the pages instead
-    /// of copying, where the device allows); falls back to a plain send
-    /// where the kernel lacks `SEND_ZC`. The buffer comes back only after the
-    /// kernel's notification that it no longer uses it.
+    /// of copying, where the device allows). Falls back to a plain send
+    /// where the kernel lacks `SEND_ZC`, and from the first time it reports
+    /// that it copied anyway ([`ZeroCopy::Copies`]). The buffer comes back
+    /// only after the kernel's notification that it no longer uses it.
     pub async fn send_zc<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
-        let zero_copy = runtime::with_local(|l| l.features.send_zc).unwrap_or(false);
+        if self.zero_copy.get() == ZeroCopy::Untried
+            && !runtime::with_local(|l| l.features.send_zc).unwrap_or(false)
+        {
+            self.zero_copy.set(ZeroCopy::Unsupported);
+        }
+        let zero_copy = matches!(self.zero_copy.get(), ZeroCopy::Untried | ZeroCopy::Works);
         self.send_whole(buf, zero_copy).await
     }
 
-    async fn send_whole<B: IoBuf>(&self, buf: B, zero_copy: bool) -> BufResult<(), B> {
+    async fn send_whole<B: IoBuf>(&self, buf: B, mut zero_copy: bool) -> BufResult<(), B> {
         let total = buf.bytes_init();
         let mut op = SendOp {
             fd: self.raw_fd(),
@@ -325,7 +359,28 @@ impl LocalTcpStream {
         };
         while op.offset < total {
             let offset = op.offset;
-            let (res, buf) = Op::new(op).await;
+            let (res, buf, copied) = Op::new(op).await;
+            if zero_copy && self.zero_copy.get() == ZeroCopy::Untried {
+                match &res {
+                    Ok(_) if copied => self.zero_copy.set(ZeroCopy::Copies),
+                    Ok(_) => self.zero_copy.set(ZeroCopy::Works),
+                    // Kernels before 6.2 have SEND_ZC but reject the
+                    // usage report: send plainly, nothing was sent.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.zero_copy.set(ZeroCopy::Unsupported);
+                        zero_copy = false;
+                        op = SendOp {
+                            fd: self.raw_fd(),
+                            buf,
+                            offset,
+                            zero_copy,
+                        };
+                        continue;
+                    }
+                    Err(_) => {}
+                }
+                zero_copy = self.zero_copy.get() != ZeroCopy::Copies;
+            }
             match res {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
                 Ok(n) => {
@@ -517,8 +572,13 @@ struct SendOp<B> {
     zero_copy: bool,
 }
 
+/// `IORING_SEND_ZC_REPORT_USAGE`: ask the notification to say whether the
+/// kernel copied.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+
 impl<B: IoBuf> Operation for SendOp<B> {
-    type Output = BufResult<usize, B>;
+    /// The result, the buffer, and whether a `SEND_ZC` was copied anyway.
+    type Output = (io::Result<usize>, B, bool);
     fn entry(&mut self) -> squeue::Entry {
         let init = self.buf.bytes_init();
         let offset = self.offset.min(init);
@@ -530,6 +590,7 @@ impl<B: IoBuf> Operation for SendOp<B> {
             opcode::SendZc::new(fd, ptr, len)
                 .buf_index(self.buf.fixed_index())
                 .flags(libc::MSG_NOSIGNAL)
+                .zc_flags(SEND_ZC_REPORT_USAGE)
                 .build()
         } else {
             opcode::Send::new(fd, ptr, len)
@@ -538,14 +599,15 @@ impl<B: IoBuf> Operation for SendOp<B> {
         }
     }
     fn complete(self, c: Completion) -> Self::Output {
+        let copied = c.zc_copied;
         let r = c.into_io().map(|n| {
             count_out(n);
             n as usize
         });
-        (r, self.buf)
+        (r, self.buf, copied)
     }
     fn fail(self, e: io::Error) -> Self::Output {
-        (Err(e), self.buf)
+        (Err(e), self.buf, false)
     }
 }
 

@@ -659,3 +659,46 @@ fn dropping_the_engine_stops_its_workers() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(wait(h).err(), Some(TaskError::Cancelled));
 }
+
+#[test]
+fn send_zc_learns_that_loopback_copies_and_delivers_every_byte() {
+    use dwcp_engine::ZeroCopy;
+    let engine = engine(1);
+    let zc = engine.features().send_zc;
+    let (l, addr) = listener();
+    const SENDS: usize = 40;
+    const LEN: usize = 48 * 1024;
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        io::Read::read_to_end(&mut s, &mut got).expect("read");
+        got
+    });
+    let h = engine.spawn_on(0, move || async move {
+        let s = LocalTcpStream::connect(addr).await?;
+        let before = s.zero_copy();
+        for i in 0..SENDS {
+            let (r, _) = s.send_zc(pattern(LEN, i as u64)).await;
+            r?;
+        }
+        let after = s.zero_copy();
+        s.shutdown(Shutdown::Write).await?;
+        Ok::<_, io::Error>((before, after))
+    });
+    let (before, after) = wait(h.expect("spawn")).unwrap().unwrap();
+    assert_eq!(before, ZeroCopy::Untried);
+    // Loopback never sends from pinned pages: the kernel copies and says so
+    // (6.2+), or rejects the report (older), or has no SEND_ZC at all.
+    if zc {
+        assert!(
+            matches!(after, ZeroCopy::Copies | ZeroCopy::Unsupported),
+            "{after:?}"
+        );
+    } else {
+        assert_eq!(after, ZeroCopy::Unsupported);
+    }
+    let got = reader.join().unwrap();
+    let want: Vec<u8> = (0..SENDS).flat_map(|i| pattern(LEN, i as u64)).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "stream corrupted");
+}
