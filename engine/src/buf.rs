@@ -352,3 +352,102 @@ unsafe impl IoBufMut for PoolBuf {
         self.len = len.min(self.pool.buf_size);
     }
 }
+
+/// A range of a buffer, usable as a buffer: send a prefix of a reusable
+/// frame buffer, or receive exactly `n` bytes into part of a larger one.
+/// [`Slice::into_inner`] gives the whole buffer back.
+#[derive(Debug)]
+pub struct Slice<B> {
+    buf: B,
+    begin: usize,
+    end: usize,
+}
+
+impl<B: IoBuf> Slice<B> {
+    /// `buf[range]` for sending: the range must lie within its initialized
+    /// bytes.
+    ///
+    /// # Panics
+    /// If it does not (a caller bug, never input-dependent).
+    pub fn new(buf: B, range: std::ops::Range<usize>) -> Self {
+        assert!(
+            range.start <= range.end && range.end <= buf.bytes_init(),
+            "slice {range:?} of a buffer of {} initialized bytes",
+            buf.bytes_init()
+        );
+        Slice {
+            buf,
+            begin: range.start,
+            end: range.end,
+        }
+    }
+
+    /// The whole buffer.
+    pub fn into_inner(self) -> B {
+        self.buf
+    }
+
+    /// The range.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.begin..self.end
+    }
+}
+
+impl<B: IoBufMut> Slice<B> {
+    /// `buf[range]` for receiving: the range must lie within its capacity
+    /// and start within its initialized bytes (so that reporting the
+    /// received bytes never claims uninitialized memory before them).
+    ///
+    /// # Panics
+    /// If it does not (a caller bug, never input-dependent).
+    pub fn new_mut(buf: B, range: std::ops::Range<usize>) -> Self {
+        assert!(
+            range.start <= range.end
+                && range.end <= buf.bytes_total()
+                && range.start <= buf.bytes_init(),
+            "slice {range:?} of a buffer of {} bytes, {} initialized",
+            buf.bytes_total(),
+            buf.bytes_init()
+        );
+        Slice {
+            buf,
+            begin: range.start,
+            end: range.end,
+        }
+    }
+}
+
+// SAFETY: the range was checked against the inner buffer when the slice was
+// made and the inner buffer's memory is stable; `bytes_init` never reaches
+// past the inner buffer's initialized bytes.
+unsafe impl<B: IoBuf> IoBuf for Slice<B> {
+    fn stable_ptr(&self) -> *const u8 {
+        // SAFETY: `begin <= end <= ` the inner buffer's length or capacity.
+        unsafe { self.buf.stable_ptr().add(self.begin) }
+    }
+    fn bytes_init(&self) -> usize {
+        self.end
+            .min(self.buf.bytes_init())
+            .saturating_sub(self.begin)
+    }
+    fn fixed_index(&self) -> Option<u16> {
+        self.buf.fixed_index()
+    }
+}
+
+// SAFETY: as above; writes stay within `begin..end`, inside the inner
+// buffer's capacity, and initialization is reported to it in its own terms.
+unsafe impl<B: IoBufMut> IoBufMut for Slice<B> {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `begin <= end <=` the inner buffer's capacity.
+        unsafe { self.buf.stable_mut_ptr().add(self.begin) }
+    }
+    fn bytes_total(&self) -> usize {
+        self.end - self.begin
+    }
+    unsafe fn set_init(&mut self, len: usize) {
+        // SAFETY: the kernel wrote `len` bytes from `begin`, and `new_mut`
+        // checked that every byte before `begin` was already initialized.
+        unsafe { self.buf.set_init(self.begin + len) }
+    }
+}

@@ -54,7 +54,7 @@ mod runtime;
 mod task;
 mod time;
 
-pub use buf::{BufResult, GetBuf, IoBuf, IoBufMut, LocalBufPool, PoolBuf};
+pub use buf::{BufResult, GetBuf, IoBuf, IoBufMut, LocalBufPool, PoolBuf, Slice};
 pub use bufring::{LocalBufRing, RingBuf};
 pub use engine::{Engine, EngineBuilder, EngineHandle, Features, current_core, spawn_on};
 pub use error::{EngineError, TaskError};

@@ -1,8 +1,31 @@
-//! dwcp-transport: AMST, adaptive multi-stream transfer (not built yet).
+//! dwcp-transport: AMST, adaptive multi-stream transfer.
 //!
-//! This crate will hold the session handshake with mutual authentication,
-//! the data-stream frames (region and ordered addressing), per-stream
-//! credits, acknowledgement and retransmission across streams, pacing, and
-//! the TCP-on-io_uring and RDMA verbs backends, as `ARCHITECTURE.md`
-//! ("Transport: AMST") describes. Its issue has not been worked on: the crate
-//! is empty on purpose and offers no API.
+//! A *session* joins a sender and a receiver over one control stream and
+//! several data streams, each bound to one core of a [`dwcp_engine`] engine.
+//! The handshake authenticates both sides with a pre-shared key
+//! ([`auth`]); data travels as chunks, each one HDE codec frame encoded on
+//! the core that sends it, addressed by region and offset (placed in any
+//! order) or by sequence (delivered in order). The receiver acknowledges a
+//! chunk only after it is placed and verified; when a stream fails, its
+//! unacknowledged chunks go out on the others ([`sched`]) and the stream is
+//! re-opened. docs/transport.md explains the design and docs/wire-format.md
+//! every message.
+
+pub mod auth;
+mod conn;
+pub mod error;
+pub mod pace;
+mod receiver;
+pub mod sched;
+mod sender;
+pub mod session;
+pub mod wire;
+
+pub use auth::Key;
+pub use error::{TransportError, WireError};
+pub use receiver::Receiver;
+pub use sender::{Sender, digest};
+pub use session::{
+    FileSource, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter, SenderConfig,
+    Sink, Source, StreamCount,
+};

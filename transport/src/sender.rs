@@ -1,0 +1,979 @@
+//! The sending end: the handshake, data streams on the engine's cores, the
+//! scheduler between them, and regions from open to `DONE`.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use dwcp_codec::{CodecConfig, Encoder, Policy, SessionKey, max_chunk_frame_len};
+use dwcp_engine::{
+    Engine, EngineHandle, LocalTcpStream, RemoteHandle, sleep, spawn_local, timeout,
+};
+
+use crate::auth::{self, Direction, Tagger};
+use crate::conn::{self, MsgReader, MsgWriter};
+use crate::error::{TransportError, WireError};
+use crate::pace::{BandwidthEstimate, TokenBucket};
+use crate::sched::{Chunk, Scheduler};
+use crate::session::{
+    Mailbox, Metrics, MetricsSnapshot, SenderConfig, Source, StreamCount, lock, wire_policy,
+};
+use crate::wire::{
+    self, Addressing, Challenge, Close, DataHeader, Hello, Join, JoinOk, Kind, Open, Reason,
+    Welcome, caps, code,
+};
+
+/// How often `auto` looks at throughput to decide on another stream.
+const AUTO_STEP: Duration = Duration::from_millis(300);
+/// Growth that justifies another stream under `auto`.
+const AUTO_GAIN: f64 = 1.05;
+
+/// A sending session. Cheap to share between threads by reference; every
+/// method blocks the calling thread (never call them from an engine worker).
+pub struct Sender {
+    shared: Arc<Shared>,
+    streams: Mutex<Vec<RemoteHandle<()>>>,
+}
+
+struct Shared {
+    cfg: SenderConfig,
+    addr: SocketAddr,
+    engine: EngineHandle,
+    workers: usize,
+    session: [u8; 16],
+    session_key: [u8; 32],
+    welcome: Welcome,
+    state: Mutex<State>,
+    cond: Condvar,
+    control: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    metrics: Metrics,
+}
+
+struct State {
+    sched: Scheduler,
+    wakers: Vec<Option<Waker>>,
+    /// A stream's reader saw its connection fail.
+    dead: Vec<bool>,
+    sources: HashMap<u32, Arc<dyn Source>>,
+    /// `DONE` results by region.
+    done: HashMap<u32, Option<Result<(), String>>>,
+    next_region: u32,
+    closing: bool,
+    bye: bool,
+    failed: Option<String>,
+    bw: BandwidthEstimate,
+    bucket: Option<TokenBucket>,
+    congestion_error: Option<String>,
+}
+
+impl State {
+    fn wake_all(&mut self) {
+        for w in self.wakers.iter_mut().filter_map(Option::take) {
+            w.wake();
+        }
+    }
+}
+
+impl Sender {
+    /// Opens a session to `addr`: the handshake on core 0, then the data
+    /// streams spread over the engine's cores.
+    pub fn connect(
+        engine: &Engine,
+        addr: SocketAddr,
+        cfg: SenderConfig,
+    ) -> Result<Sender, TransportError> {
+        cfg.policy.validate()?;
+        let streams = match cfg.streams {
+            StreamCount::Fixed(n) if (1..=crate::session::MAX_STREAMS).contains(&n) => n,
+            StreamCount::Auto { max } if (1..=crate::session::MAX_STREAMS).contains(&max) => {
+                max.min((2 * engine.workers() as u16).max(2))
+            }
+            other => {
+                return Err(TransportError::Config(format!(
+                    "{other:?}: streams must be 1..={}",
+                    crate::session::MAX_STREAMS
+                )));
+            }
+        };
+        if cfg.chunk == 0 || cfg.chunk > crate::session::MAX_CHUNK {
+            return Err(TransportError::Config(format!(
+                "chunk of {} bytes; 1..={}",
+                cfg.chunk,
+                crate::session::MAX_CHUNK
+            )));
+        }
+        let mailbox = Arc::new(Mailbox::new());
+        let slot: Arc<OnceLock<Weak<Shared>>> = Arc::new(OnceLock::new());
+        let hs_cfg = cfg.clone();
+        let mb = mailbox.clone();
+        let sl = slot.clone();
+        let hs = engine
+            .spawn_on(0, move || handshake(addr, hs_cfg, streams, mb, sl))?
+            .join()??;
+        let (session, session_key, welcome) = hs;
+        if cfg.chunk > welcome.max_chunk {
+            return Err(TransportError::Config(format!(
+                "chunk of {} bytes; the receiver accepts at most {}",
+                cfg.chunk, welcome.max_chunk
+            )));
+        }
+        let streams = streams.min(welcome.max_streams);
+        let now = Instant::now();
+        let bucket = (cfg.rate_limit > 0).then(|| {
+            // A burst of two chunks (or 10 ms at the rate) keeps the pacing
+            // smooth without starving a chunk larger than the burst.
+            TokenBucket::new(
+                cfg.rate_limit,
+                (u64::from(cfg.chunk) * 2).max(cfg.rate_limit / 100),
+                now,
+            )
+        });
+        let shared = Arc::new(Shared {
+            addr,
+            engine: engine.handle(),
+            workers: engine.workers(),
+            session,
+            session_key,
+            welcome,
+            state: Mutex::new(State {
+                sched: Scheduler::new(usize::from(streams), u64::from(welcome.window)),
+                wakers: vec![None; usize::from(streams)],
+                dead: vec![false; usize::from(streams)],
+                sources: HashMap::new(),
+                done: HashMap::new(),
+                next_region: 0,
+                closing: false,
+                bye: false,
+                failed: None,
+                bw: BandwidthEstimate::new(Duration::from_millis(100), 50, now),
+                bucket,
+                congestion_error: None,
+            }),
+            cond: Condvar::new(),
+            control: mailbox,
+            metrics: Metrics::default(),
+            cfg,
+        });
+        // The control reader reports to the session from now on.
+        let _ = slot.set(Arc::downgrade(&shared));
+        let sender = Sender {
+            shared,
+            streams: Mutex::new(Vec::new()),
+        };
+        for i in 0..usize::from(streams) {
+            sender.start_stream(i)?;
+        }
+        if let StreamCount::Auto { max } = sender.shared.cfg.streams {
+            let s = sender.shared.clone();
+            let h = sender
+                .shared
+                .engine
+                .spawn_on(0, move || auto_streams(s, usize::from(max)))?;
+            lock(&sender.streams).push(h);
+        }
+        Ok(sender)
+    }
+
+    fn start_stream(&self, i: usize) -> Result<(), TransportError> {
+        let s = self.shared.clone();
+        let core = i % self.shared.workers.max(1);
+        let h = self
+            .shared
+            .engine
+            .spawn_on(core, move || stream_main(s, i))?;
+        lock(&self.streams).push(h);
+        Ok(())
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> [u8; 16] {
+        self.shared.session
+    }
+
+    /// Counters and estimates of the session.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let st = lock(&self.shared.state);
+        self.shared
+            .metrics
+            .snapshot(st.sched.live() as u64, st.bw.get().unwrap_or(0.0))
+    }
+
+    /// Why `TCP_CONGESTION` could not be set, if it could not.
+    pub fn congestion_error(&self) -> Option<String> {
+        lock(&self.shared.state).congestion_error.clone()
+    }
+
+    /// Starts sending a region read from `source`, described to the
+    /// receiver's sink by `meta`; returns its id. Chunks start flowing at
+    /// once; [`Sender::close_region`] says it is complete.
+    pub fn open_region(
+        &self,
+        meta: Vec<u8>,
+        source: Arc<dyn Source>,
+    ) -> Result<u32, TransportError> {
+        if meta.len() > wire::MAX_META_LEN {
+            return Err(TransportError::Config(format!(
+                "region metadata of {} bytes, at most {}",
+                meta.len(),
+                wire::MAX_META_LEN
+            )));
+        }
+        let len = source.len();
+        let mut st = lock(&self.shared.state);
+        if let Some(f) = &st.failed {
+            return Err(TransportError::SessionLost(f.clone()));
+        }
+        let id = st.next_region;
+        st.next_region = st
+            .next_region
+            .checked_add(1)
+            .ok_or_else(|| TransportError::Config("out of region ids".into()))?;
+        let open = Open {
+            region: id,
+            addressing: Addressing::Region,
+            len,
+            meta,
+        };
+        // OPEN goes out before any chunk is given to a stream.
+        if !self.shared.control.push((Kind::Open, open.encode())) {
+            return Err(TransportError::SessionLost(
+                "the control stream is closed".into(),
+            ));
+        }
+        st.sources.insert(id, source);
+        st.done.insert(id, None);
+        st.sched.add_region(id, len, self.shared.cfg.chunk);
+        Metrics::add(&self.shared.metrics.bytes_in, len);
+        st.wake_all();
+        Ok(id)
+    }
+
+    /// Says region `id` is complete, with the BLAKE3 `digest` of its bytes;
+    /// the receiver finishes it when every chunk is placed.
+    pub fn close_region(&self, id: u32, digest: [u8; 32]) -> Result<(), TransportError> {
+        let st = lock(&self.shared.state);
+        let Some(src) = st.sources.get(&id) else {
+            return Err(TransportError::Config(format!("no region {id}")));
+        };
+        let len = src.len();
+        let chunk = u64::from(self.shared.cfg.chunk);
+        let close = Close {
+            region: id,
+            chunks: len.div_ceil(chunk),
+            len,
+            digest,
+        };
+        drop(st);
+        if !self.shared.control.push((Kind::Close, close.encode())) {
+            return Err(TransportError::SessionLost(
+                "the control stream is closed".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until region `id` is placed and verified by the receiver.
+    pub fn wait_region(&self, id: u32) -> Result<(), TransportError> {
+        let mut st = lock(&self.shared.state);
+        loop {
+            match st.done.get(&id) {
+                None => return Err(TransportError::Config(format!("no region {id}"))),
+                Some(Some(r)) => {
+                    let r = r.clone();
+                    // Its source is no longer needed.
+                    st.sources.remove(&id);
+                    st.done.remove(&id);
+                    return r.map_err(|text| TransportError::Region { region: id, text });
+                }
+                Some(None) => {}
+            }
+            if let Some(f) = &st.failed {
+                return Err(TransportError::SessionLost(f.clone()));
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Sends a whole region and waits for the receiver to confirm it:
+    /// [`Sender::open_region`], the digest (computed here while the
+    /// engine sends), [`Sender::close_region`], [`Sender::wait_region`].
+    pub fn send_region(
+        &self,
+        meta: Vec<u8>,
+        source: Arc<dyn Source>,
+    ) -> Result<(), TransportError> {
+        let id = self.open_region(meta, source.clone())?;
+        let digest = digest(source.as_ref())
+            .map_err(|e| TransportError::io(format!("reading region {id} for its digest"), e))?;
+        self.close_region(id, digest)?;
+        self.wait_region(id)
+    }
+
+    /// Ends the session cleanly: waits for every chunk to be acknowledged,
+    /// says `BYE`, waits for the receiver's, and stops the streams.
+    pub fn close(self) -> Result<MetricsSnapshot, TransportError> {
+        let deadline = Instant::now() + self.shared.cfg.resume_for + self.shared.cfg.stall_timeout;
+        {
+            let mut st = lock(&self.shared.state);
+            while !(st.sched.idle() || st.failed.is_some()) {
+                if Instant::now() > deadline {
+                    return Err(TransportError::Timeout(
+                        "waiting for the last acknowledgements".into(),
+                    ));
+                }
+                st = self
+                    .shared
+                    .cond
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if let Some(f) = &st.failed {
+                return Err(TransportError::SessionLost(f.clone()));
+            }
+        }
+        self.shared.control.push((Kind::Bye, Vec::new()));
+        let bye_deadline = Instant::now() + self.shared.cfg.stall_timeout;
+        let bye = {
+            let mut st = lock(&self.shared.state);
+            while !st.bye && st.failed.is_none() && Instant::now() < bye_deadline {
+                st = self
+                    .shared
+                    .cond
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            st.closing = true;
+            st.wake_all();
+            st.bye
+        };
+        self.shared.control.close();
+        let metrics = self.metrics();
+        self.stop();
+        if bye {
+            Ok(metrics)
+        } else {
+            Err(TransportError::Timeout(
+                "waiting for the receiver's BYE".into(),
+            ))
+        }
+    }
+
+    fn stop(&self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.closing = true;
+            st.wake_all();
+        }
+        self.shared.control.close();
+        for h in lock(&self.streams).drain(..) {
+            let _ = h.join_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Cancels the session: nothing more is sent; the receiver discards
+    /// what is unfinished when its grace period ends.
+    pub fn cancel(self) {
+        lock(&self.shared.state).failed = Some("cancelled".into());
+        self.stop();
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// BLAKE3 of a whole source, read in order.
+pub fn digest(source: &dyn Source) -> std::io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let len = source.len();
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        source.read_at(off, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+type Handshake = ([u8; 16], [u8; 32], Welcome);
+
+fn refused(body: &[u8], peer: &str) -> TransportError {
+    match Reason::decode(body) {
+        Ok(r) => TransportError::Refused {
+            code: r.code,
+            text: r.text,
+        },
+        Err(e) => TransportError::Wire {
+            peer: peer.to_string(),
+            source: e,
+        },
+    }
+}
+
+async fn connect(addr: SocketAddr, cfg: &SenderConfig) -> Result<LocalTcpStream, TransportError> {
+    match timeout(cfg.connect_timeout, LocalTcpStream::connect(addr)).await {
+        Ok(r) => r.map_err(|e| TransportError::io(format!("connecting to {addr}"), e)),
+        Err(_) => Err(TransportError::Timeout(format!("connecting to {addr}"))),
+    }
+}
+
+async fn handshake(
+    addr: SocketAddr,
+    cfg: SenderConfig,
+    streams: u16,
+    mailbox: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    slot: Arc<OnceLock<Weak<Shared>>>,
+) -> Result<Handshake, TransportError> {
+    let stream = connect(addr, &cfg).await?;
+    let _ = stream.set_nodelay(true);
+    let peer = addr.to_string();
+    let (mut r, mut w) = conn::split(stream, peer.clone(), 0);
+    let nonce: [u8; 32] = auth::random().map_err(|e| TransportError::io("random nonce", e))?;
+    let hello = Hello {
+        version_min: wire::VERSION_MIN,
+        version_max: wire::VERSION_MAX,
+        keyed: cfg.key.is_some(),
+        caps: caps::ALL,
+        nonce,
+        resume: [0; 16],
+        policy: wire_policy(&cfg.policy),
+        streams,
+    };
+    w.send(Kind::Hello, &hello.encode()).await?;
+    let limit = Some(cfg.connect_timeout);
+    let ch = match r.recv(limit).await? {
+        Some((Kind::Challenge, body)) => Challenge::decode(body).map_err(|e| wire_err(&peer, e))?,
+        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
+        Some((k, _)) => {
+            return Err(wire_err(
+                &peer,
+                WireError::Unexpected {
+                    expected: "CHALLENGE",
+                    found: k,
+                },
+            ));
+        }
+        None => {
+            return Err(TransportError::Auth(format!(
+                "{peer} closed the connection during the handshake"
+            )));
+        }
+    };
+    if !(wire::VERSION_MIN..=wire::VERSION_MAX).contains(&ch.version) {
+        return Err(TransportError::Auth(format!(
+            "the receiver chose protocol version {}, which this sender does not speak",
+            ch.version
+        )));
+    }
+    let psk = auth::psk(cfg.key.as_ref());
+    let transcript = auth::transcript(&hello.encode(), &ch.encode_unproven());
+    if !auth::check_proof(auth::proof(&psk, b"server", &transcript), &ch.proof) {
+        let text = "wrong key: the receiver's proof does not match";
+        let _ = w
+            .send(
+                Kind::Refuse,
+                &Reason {
+                    id: 0,
+                    code: code::AUTH,
+                    text: text.into(),
+                }
+                .encode(),
+            )
+            .await;
+        return Err(TransportError::Auth(text.into()));
+    }
+    w.send(
+        Kind::Proof,
+        auth::proof(&psk, b"client", &transcript).as_bytes(),
+    )
+    .await?;
+    let session_key = auth::session_key(&psk, &transcript);
+    let ck = auth::conn_key(&session_key, u16::MAX, &nonce, &ch.nonce);
+    r.set_tagger(Tagger::new(ck, Direction::ToServer));
+    w.set_tagger(Tagger::new(ck, Direction::ToServer));
+    let welcome = match r.recv(limit).await? {
+        Some((Kind::Welcome, body)) => Welcome::decode(body).map_err(|e| wire_err(&peer, e))?,
+        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
+        Some((k, _)) => {
+            return Err(wire_err(
+                &peer,
+                WireError::Unexpected {
+                    expected: "WELCOME",
+                    found: k,
+                },
+            ));
+        }
+        None => {
+            return Err(TransportError::Auth(
+                "the receiver refused the key (it closed the connection)".into(),
+            ));
+        }
+    };
+    // Runs until the control stream ends; detached, the engine's shutdown
+    // ends it at the latest.
+    drop(spawn_local(control_tasks(r, w, mailbox, slot))?);
+    Ok((ch.session, session_key, welcome))
+}
+
+fn wire_err(peer: &str, source: WireError) -> TransportError {
+    TransportError::Wire {
+        peer: peer.to_string(),
+        source,
+    }
+}
+
+/// Runs the control stream: a writer task draining the mailbox, and this
+/// task reading `DONE`, `BYE` and `ERROR` into the session.
+async fn control_tasks(
+    mut r: MsgReader,
+    mut w: MsgWriter,
+    mailbox: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    slot: Arc<OnceLock<Weak<Shared>>>,
+) {
+    let writer = spawn_local(async move {
+        while let Some((kind, body)) = mailbox.recv().await {
+            w.send(kind, &body).await?;
+        }
+        let _ = w.stream().shutdown(std::net::Shutdown::Write).await;
+        Ok::<(), TransportError>(())
+    });
+    let shared = loop {
+        if let Some(s) = slot.get() {
+            break s.upgrade();
+        }
+        let _ = sleep(Duration::from_millis(1)).await;
+    };
+    let Some(shared) = shared else { return };
+    let peer = r.peer.clone();
+    let result: Result<(), TransportError> = async {
+        loop {
+            let Some((kind, body)) = r.recv(None).await? else {
+                return Err(TransportError::SessionLost(format!(
+                    "{peer} closed the control stream"
+                )));
+            };
+            match kind {
+                Kind::Done => {
+                    let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
+                    let mut st = lock(&shared.state);
+                    if let Some(slot) = st.done.get_mut(&reason.id) {
+                        *slot = Some(if reason.code == code::OK {
+                            Ok(())
+                        } else {
+                            Err(reason.text)
+                        });
+                    }
+                    drop(st);
+                    shared.cond.notify_all();
+                }
+                Kind::Bye => {
+                    lock(&shared.state).bye = true;
+                    shared.cond.notify_all();
+                    return Ok(());
+                }
+                Kind::Error => {
+                    let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
+                    return Err(TransportError::Refused {
+                        code: reason.code,
+                        text: reason.text,
+                    });
+                }
+                other => {
+                    return Err(wire_err(
+                        &peer,
+                        WireError::Unexpected {
+                            expected: "DONE, BYE or ERROR on the control stream",
+                            found: other,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        let mut st = lock(&shared.state);
+        if !st.closing && !st.bye {
+            st.failed.get_or_insert_with(|| e.to_string());
+            st.wake_all();
+        }
+        drop(st);
+        shared.cond.notify_all();
+        shared.control.close();
+    }
+    if let Ok(h) = writer {
+        let _ = h.await;
+    }
+}
+
+/// One data stream slot: (re)connects and sends until the session closes
+/// or gives up.
+async fn stream_main(shared: Arc<Shared>, i: usize) {
+    let mut backoff = Duration::from_millis(50);
+    let mut last_ok = Instant::now();
+    loop {
+        if lock(&shared.state).closing {
+            break;
+        }
+        let r = run_stream(&shared, i).await;
+        {
+            let mut st = lock(&shared.state);
+            let back = st.sched.fail(i);
+            if back.resent_bytes > 0 {
+                Metrics::add(&shared.metrics.retransmitted_chunks, back.chunks);
+                Metrics::add(&shared.metrics.retransmitted_bytes, back.resent_bytes);
+            }
+            st.dead[i] = false;
+            st.wake_all();
+            if st.closing || st.failed.is_some() {
+                break;
+            }
+        }
+        shared.cond.notify_all();
+        match r {
+            Ok(true) => {
+                last_ok = Instant::now();
+                backoff = Duration::from_millis(50);
+            }
+            Ok(false) => break,
+            Err(e @ TransportError::Region { .. }) => {
+                // The source failed, not the network: no retry helps.
+                let mut st = lock(&shared.state);
+                st.failed.get_or_insert_with(|| e.to_string());
+                st.wake_all();
+                drop(st);
+                shared.cond.notify_all();
+                break;
+            }
+            Err(e) => {
+                Metrics::add(&shared.metrics.stream_failures, 1);
+                let mut st = lock(&shared.state);
+                if last_ok.elapsed() > shared.cfg.resume_for && st.sched.live() == 0 {
+                    st.failed
+                        .get_or_insert_with(|| format!("every stream failed; last error: {e}"));
+                    st.wake_all();
+                    drop(st);
+                    shared.cond.notify_all();
+                    break;
+                }
+            }
+        }
+        let _ = sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Waits for the next chunk of stream `i`: `Ok(None)` when the session
+/// closes, `Err` when the stream's reader saw it fail.
+async fn next_chunk(shared: &Shared, i: usize) -> Result<Option<Chunk>, ()> {
+    std::future::poll_fn(|cx| {
+        let mut st = lock(&shared.state);
+        if st.dead[i] {
+            return Poll::Ready(Err(()));
+        }
+        if let Some(c) = st.sched.next(i) {
+            return Poll::Ready(Ok(Some(c)));
+        }
+        if st.closing || st.failed.is_some() {
+            return Poll::Ready(Ok(None));
+        }
+        st.wakers[i] = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// One connection of stream `i`: `Ok(true)` when it ended because the
+/// connection failed after working, `Ok(false)` when the session closes.
+async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportError> {
+    let cfg = &shared.cfg;
+    let stream = connect(shared.addr, cfg).await?;
+    let _ = stream.set_nodelay(true);
+    if let Some(cc) = &cfg.congestion
+        && let Err(e) = stream.set_congestion(cc)
+    {
+        lock(&shared.state).congestion_error = Some(format!("TCP_CONGESTION {cc}: {e}"));
+    }
+    let peer = shared.addr.to_string();
+    let chunk = cfg.chunk as usize;
+    let max_frame = max_chunk_frame_len(chunk);
+    let (mut r, mut w) = conn::split(stream, peer.clone(), 0);
+    let stream_id = i as u16;
+    let nonce: [u8; 32] = auth::random().map_err(|e| TransportError::io("random nonce", e))?;
+    let key = shared.session_key;
+    let proof = auth::join_proof(&key, b"join", &shared.session, stream_id, &nonce, None);
+    w.send(
+        Kind::Join,
+        &Join {
+            session: shared.session,
+            stream: stream_id,
+            nonce,
+            proof: *proof.as_bytes(),
+        }
+        .encode(),
+    )
+    .await?;
+    let ok = match r.recv(Some(cfg.connect_timeout)).await? {
+        Some((Kind::JoinOk, body)) => JoinOk::decode(body).map_err(|e| wire_err(&peer, e))?,
+        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
+        Some((k, _)) => {
+            return Err(wire_err(
+                &peer,
+                WireError::Unexpected {
+                    expected: "JOIN_OK",
+                    found: k,
+                },
+            ));
+        }
+        None => {
+            return Err(TransportError::Auth(format!(
+                "{peer} closed a joining stream"
+            )));
+        }
+    };
+    let want = auth::join_proof(
+        &key,
+        b"join-ok",
+        &shared.session,
+        stream_id,
+        &nonce,
+        Some(&ok.nonce),
+    );
+    if !auth::check_proof(want, &ok.proof) {
+        return Err(TransportError::Auth("JOIN_OK proof does not match".into()));
+    }
+    let ck = auth::conn_key(&key, stream_id, &nonce, &ok.nonce);
+    r.set_tagger(Tagger::new(ck, Direction::ToServer));
+    w.set_tagger(Tagger::new(ck, Direction::ToServer));
+    Metrics::add(&shared.metrics.stream_connects, 1);
+    {
+        let mut st = lock(&shared.state);
+        st.dead[i] = false;
+        st.sched.up(i);
+        st.wake_all();
+    }
+    let sock = w.stream().clone();
+    let reader_done = Rc::new(Cell::new(false));
+    let rd = reader_done.clone();
+    let sh = shared.clone();
+    let reader = spawn_local(async move {
+        let r = ack_reader(&sh, i, &mut r).await;
+        rd.set(true);
+        let mut st = lock(&sh.state);
+        st.dead[i] = true;
+        if let Some(w) = st.wakers[i].take() {
+            w.wake();
+        }
+        r
+    })?;
+    let codec = CodecConfig {
+        key: Some(SessionKey(key)),
+        ..CodecConfig::default()
+    };
+    let mut enc = Encoder::new(&codec, cfg.policy)?;
+    let fixed_end = wire::HEADER_LEN + wire::DATA_FIXED_LEN;
+    let mut buf = vec![0u8; fixed_end + max_frame + wire::TAG_LEN];
+    let mut data = vec![0u8; chunk];
+    let result: Result<bool, TransportError> = async {
+        loop {
+            let c = match next_chunk(shared, i).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(false),
+                Err(()) => return Ok(true),
+            };
+            let len = c.len as usize;
+            let bytes: &[u8] = match &c.data {
+                Some(d) => d,
+                None => {
+                    let src = lock(&shared.state).sources.get(&c.region).cloned();
+                    let Some(src) = src else {
+                        // Finished meanwhile (acknowledged on another
+                        // stream): nothing to send.
+                        continue;
+                    };
+                    src.read_at(c.offset, &mut data[..len]).map_err(|e| {
+                        TransportError::Region {
+                            region: c.region,
+                            text: format!("reading the source at {}: {e}", c.offset),
+                        }
+                    })?;
+                    &data[..len]
+                }
+            };
+            if let Policy::Auto { .. } = cfg.policy {
+                let (bw, live) = {
+                    let st = lock(&shared.state);
+                    (st.bw.get(), st.sched.live().max(1))
+                };
+                let link = bw
+                    .or((cfg.rate_limit > 0).then_some(cfg.rate_limit as f64))
+                    .unwrap_or(125e6);
+                enc.set_policy(Policy::Auto {
+                    link_bytes_per_sec: (link / live as f64).max(1.0),
+                })?;
+            }
+            let stats = enc.encode_chunk_into(bytes, c.id, &mut buf[fixed_end..])?;
+            let frame_len = stats.frame_bytes as usize;
+            let h = DataHeader {
+                stream: stream_id,
+                addressing: c.addressing,
+                chunk: c.id,
+                region: c.region,
+                raw_len: c.len,
+                offset: c.offset,
+            };
+            buf[wire::HEADER_LEN..fixed_end].copy_from_slice(&h.encode());
+            let wire_len = (fixed_end + frame_len + wire::TAG_LEN) as u64;
+            let wait = lock(&shared.state)
+                .bucket
+                .as_mut()
+                .map(|b| b.take(wire_len, Instant::now()));
+            if let Some(d) = wait
+                && !d.is_zero()
+            {
+                let _ = sleep(d).await;
+            }
+            let (res, b) = w.send_data(buf, frame_len).await;
+            buf = b;
+            res?;
+            Metrics::add(&shared.metrics.wire_bytes, wire_len);
+        }
+    }
+    .await;
+    let _ = sock.shutdown(std::net::Shutdown::Both).await;
+    let read = reader.await;
+    match (&result, read) {
+        (Ok(_), Ok(Err(e))) if !reader_done.get() || !lock(&shared.state).closing => {
+            // The reader's reason is the better one.
+            if matches!(result, Ok(true)) {
+                return Err(e);
+            }
+        }
+        _ => {}
+    }
+    result
+}
+
+/// Reads `ACK`s of stream `i` into the scheduler; fails on a stalled
+/// stream (chunks outstanding, nothing heard for the stall timeout).
+async fn ack_reader(
+    shared: &Arc<Shared>,
+    i: usize,
+    r: &mut MsgReader,
+) -> Result<(), TransportError> {
+    let peer = r.peer.clone();
+    loop {
+        let msg = match r.recv(Some(shared.cfg.stall_timeout)).await {
+            Ok(m) => m,
+            Err(TransportError::Timeout(t)) => {
+                let st = lock(&shared.state);
+                if st.sched.free(i) < u64::from(shared.welcome.window) {
+                    return Err(TransportError::Timeout(format!(
+                        "{t}: stream {i} has unacknowledged chunks"
+                    )));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some((kind, body)) = msg else {
+            return Err(TransportError::io(
+                format!("stream {i}"),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        };
+        match kind {
+            Kind::Ack => {
+                let ids = wire::decode_ack(body).map_err(|e| wire_err(&peer, e))?;
+                let mut st = lock(&shared.state);
+                let now = Instant::now();
+                let mut n = 0;
+                for id in ids {
+                    if let Some(c) = st.sched.ack(i, id) {
+                        n += u64::from(c.len);
+                    }
+                }
+                st.bw.record(n, now);
+                Metrics::add(&shared.metrics.bytes_acked, n);
+                st.wake_all();
+                drop(st);
+                shared.cond.notify_all();
+            }
+            Kind::Error => return Err(refused(body, &peer)),
+            other => {
+                return Err(wire_err(
+                    &peer,
+                    WireError::Unexpected {
+                        expected: "ACK or ERROR on a data stream",
+                        found: other,
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// `auto` stream count: every step, when acknowledged throughput grew by
+/// at least [`AUTO_GAIN`] since the last stream was added and work is
+/// waiting, another stream joins, up to `max`; two steps without growth
+/// end the search.
+async fn auto_streams(shared: Arc<Shared>, max: usize) {
+    let mut last_rate = 0.0;
+    let mut last_bytes = shared.metrics.bytes_acked.load(Ordering::Relaxed);
+    let mut flat = 0;
+    loop {
+        let _ = sleep(AUTO_STEP).await;
+        let bytes = shared.metrics.bytes_acked.load(Ordering::Relaxed);
+        let rate = (bytes - last_bytes) as f64 / AUTO_STEP.as_secs_f64();
+        last_bytes = bytes;
+        // `Some(i)`: start slot `i`; `None`: look again next step.
+        let add = {
+            let mut st = lock(&shared.state);
+            if st.closing || st.failed.is_some() {
+                return;
+            }
+            if st.sched.idle() || rate == 0.0 {
+                None
+            } else if rate < last_rate * AUTO_GAIN {
+                flat += 1;
+                if flat >= 2 {
+                    return;
+                }
+                None
+            } else {
+                flat = 0;
+                last_rate = rate;
+                if st.sched.streams() >= max {
+                    return;
+                }
+                let i = st.sched.add_stream();
+                st.wakers.push(None);
+                st.dead.push(false);
+                Some(i)
+            }
+        };
+        if let Some(i) = add {
+            let s = shared.clone();
+            let core = i % shared.workers.max(1);
+            // The new slot runs until the session closes; its handle is not
+            // kept (the engine's shutdown ends it with the others).
+            let _ = dwcp_engine::spawn_on(core, move || stream_main(s, i)).await;
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! Sessions over loopback: transfers, authentication, and faults (a stream
+//! cut mid-transfer, garbage, replay). Each test is bounded in time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dwcp_codec::Policy;
+use dwcp_engine::Engine;
+use dwcp_transport::{
+    Key, Receiver, ReceiverConfig, RegionInfo, RegionWriter, Sender, SenderConfig, Sink, Source,
+    StreamCount, TransportError,
+};
+
+/// Regions received, by id, with their metadata and bytes.
+#[derive(Default)]
+struct MemSink {
+    done: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    aborted: AtomicUsize,
+}
+
+struct MemRegion {
+    sink: Arc<MemSink>,
+    meta: Vec<u8>,
+    bytes: Mutex<Vec<u8>>,
+}
+
+struct SinkRef(Arc<MemSink>);
+
+impl Sink for SinkRef {
+    fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String> {
+        if info.len > 1 << 30 {
+            return Err("too large for a test".into());
+        }
+        Ok(Arc::new(MemRegion {
+            sink: self.0.clone(),
+            meta: info.meta.clone(),
+            bytes: Mutex::new(vec![0; info.len as usize]),
+        }))
+    }
+}
+
+impl RegionWriter for MemRegion {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut b = self.bytes.lock().unwrap();
+        let o = offset as usize;
+        b[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
+        let b = self.bytes.lock().unwrap().clone();
+        if blake3::hash(&b).as_bytes() != digest {
+            return Err("digest mismatch".into());
+        }
+        self.sink.done.lock().unwrap().push((self.meta.clone(), b));
+        Ok(())
+    }
+    fn abort(&self) {
+        self.sink.aborted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn engine() -> Engine {
+    Engine::builder()
+        .workers(2)
+        .build()
+        .expect("io_uring works on the test machines")
+}
+
+fn data(len: usize, seed: u64) -> Arc<[u8]> {
+    // Half text-like (compressible), half pseudo-random.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            if (i / 65536) % 2 == 0 {
+                b"the quick brown fox jumps over the lazy dog "[i % 44]
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+fn receiver(engine: &Engine, key: Option<Key>) -> (Receiver, Arc<MemSink>) {
+    let sink = Arc::new(MemSink::default());
+    let cfg = ReceiverConfig {
+        key,
+        grace: Duration::from_secs(5),
+        ..ReceiverConfig::default()
+    };
+    let r = Receiver::bind(
+        engine,
+        "127.0.0.1:0".parse().unwrap(),
+        cfg,
+        Arc::new(SinkRef(sink.clone())),
+    )
+    .expect("bind");
+    (r, sink)
+}
+
+fn sender_cfg(key: Option<Key>, streams: u16) -> SenderConfig {
+    SenderConfig {
+        key,
+        streams: StreamCount::Fixed(streams),
+        policy: Policy::Datacenter,
+        chunk: 256 << 10,
+        stall_timeout: Duration::from_secs(3),
+        resume_for: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(3),
+        ..SenderConfig::default()
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `limit`.
+fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
+}
+
+#[test]
+fn regions_arrive_whole_over_many_streams() {
+    bounded(Duration::from_secs(60), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        let s = Sender::connect(&tx_engine, recv.local_addr(), sender_cfg(Some(key), 4)).unwrap();
+        let a = data(10 << 20, 1);
+        let b = data(3 << 20 | 12345, 2);
+        let empty: Arc<[u8]> = Arc::from(&[][..]);
+        s.send_region(b"a".to_vec(), Arc::new(a.clone())).unwrap();
+        s.send_region(b"b".to_vec(), Arc::new(b.clone())).unwrap();
+        s.send_region(b"empty".to_vec(), Arc::new(empty)).unwrap();
+        let m = s.close().unwrap();
+        assert_eq!(m.bytes_acked, Source::len(&a) + Source::len(&b));
+        assert!(m.wire_bytes < m.bytes_acked, "text halves compress: {m:?}");
+        assert!(m.stream_connects >= 4, "{m:?}");
+        let done = sink.done.lock().unwrap();
+        assert_eq!(done.len(), 3);
+        assert_eq!((&done[0].0[..], &done[0].1[..]), (&b"a"[..], &a[..]));
+        assert_eq!((&done[1].0[..], &done[1].1[..]), (&b"b"[..], &b[..]));
+        assert!(done[2].1.is_empty());
+        drop(done);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn wrong_or_missing_key_is_refused_with_a_reason() {
+    bounded(Duration::from_secs(30), || {
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(Key::generate().unwrap()));
+        let addr = recv.local_addr();
+        let e = Sender::connect(
+            &tx_engine,
+            addr,
+            sender_cfg(Some(Key::generate().unwrap()), 2),
+        )
+        .err()
+        .expect("a wrong key must fail");
+        assert!(e.to_string().contains("wrong key"), "{e}");
+        let e = Sender::connect(&tx_engine, addr, sender_cfg(None, 2))
+            .err()
+            .expect("no key must fail");
+        assert!(e.to_string().contains("requires a key"), "{e}");
+        assert!(sink.done.lock().unwrap().is_empty());
+        // And the other way round: an insecure receiver refuses a keyed sender.
+        let (open, _) = receiver(&rx_engine, None);
+        let e = Sender::connect(
+            &tx_engine,
+            open.local_addr(),
+            sender_cfg(Some(Key::generate().unwrap()), 2),
+        )
+        .err()
+        .expect("mismatch must fail");
+        assert!(e.to_string().contains("without authentication"), "{e}");
+        // Both insecure: works.
+        let s = Sender::connect(&tx_engine, open.local_addr(), sender_cfg(None, 1)).unwrap();
+        s.send_region(b"x".to_vec(), Arc::new(data(100_000, 3)))
+            .unwrap();
+        s.close().unwrap();
+    });
+}
+
+/// A TCP proxy that forwards every connection, and cuts connection number
+/// `cut` (0-based, in accept order) after it has forwarded `after` bytes
+/// towards the receiver. Records every byte it forwarded of connection
+/// `record` so a test can replay it.
+struct Proxy {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    cut_done: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr, cut: usize, after: u64) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let (st, cd) = (stop.clone(), cut_done.clone());
+        thread::spawn(move || {
+            let mut n = 0;
+            while !st.load(Ordering::Relaxed) {
+                let Ok((down, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                let up = TcpStream::connect(upstream).unwrap();
+                let limit = (n == cut).then_some(after);
+                n += 1;
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let cd = cd.clone();
+                thread::spawn(move || pump(down, up, limit, cd));
+                thread::spawn(move || pump(u2, d2, None, Arc::new(AtomicBool::new(false))));
+            }
+        });
+        Proxy {
+            addr,
+            stop,
+            cut_done,
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<u64>, cut: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut moved = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(l) = limit
+            && moved + n as u64 > l
+        {
+            let _ = to.write_all(&buf[..(l - moved) as usize]);
+            cut.store(true, Ordering::Relaxed);
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        moved += n as u64;
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn a_stream_cut_mid_transfer_is_survived_and_retransmission_is_bounded() {
+    bounded(Duration::from_secs(60), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        // Connection 0 is the control stream; cut connection 2 (the second
+        // data stream) after 3 MiB.
+        let proxy = Proxy::start(recv.local_addr(), 2, 3 << 20);
+        let s = Sender::connect(&tx_engine, proxy.addr, sender_cfg(Some(key), 4)).unwrap();
+        let a = data(64 << 20, 7);
+        s.send_region(b"big".to_vec(), Arc::new(a.clone())).unwrap();
+        let m = s.close().unwrap();
+        assert!(
+            proxy.cut_done.load(Ordering::Relaxed),
+            "the proxy cut a stream"
+        );
+        assert!(m.stream_failures >= 1, "{m:?}");
+        assert!(m.stream_connects >= 5, "the stream was re-opened: {m:?}");
+        // At most that stream's window went out again (4 MiB default).
+        assert!(m.retransmitted_bytes <= 2 * (4 << 20), "{m:?}");
+        let done = sink.done.lock().unwrap();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1[..] == a[..], "placed bytes differ");
+        drop(done);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn garbage_truncated_and_oversized_input_is_refused_and_the_receiver_goes_on() {
+    bounded(Duration::from_secs(30), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        let addr = recv.local_addr();
+        let attempts: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            // Right magic, absurd length.
+            [&b"AMST"[..], &[1, 0, 0, 0], &u32::MAX.to_le_bytes()].concat(),
+            // A DATA message before any handshake.
+            [
+                &b"AMST"[..],
+                &[16, 0, 0, 0],
+                &100u32.to_le_bytes(),
+                &[0; 100],
+            ]
+            .concat(),
+            // A truncated HELLO.
+            [&b"AMST"[..], &[1, 0, 0, 0], &68u32.to_le_bytes(), &[1; 10]].concat(),
+            // A JOIN to a session that does not exist.
+            [&b"AMST"[..], &[6, 0, 0, 0], &84u32.to_le_bytes(), &[7; 84]].concat(),
+        ];
+        for junk in attempts {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let _ = c.write_all(&junk);
+            let _ = c.shutdown(Shutdown::Write);
+            // The receiver answers (REFUSE) or closes; it never hangs.
+            let mut sink_buf = Vec::new();
+            let _ = c.read_to_end(&mut sink_buf);
+        }
+        // Flood without reading: the receiver's memory stays bounded (it
+        // reads at most one message body at a time) and it goes on.
+        let flood = thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let junk = vec![0x41u8; 1 << 20];
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(1) {
+                if c.write_all(&junk).is_err() {
+                    break;
+                }
+            }
+        });
+        let s = Sender::connect(&tx_engine, addr, sender_cfg(Some(key), 2)).unwrap();
+        let a = data(2 << 20, 9);
+        s.send_region(b"ok".to_vec(), Arc::new(a.clone())).unwrap();
+        s.close().unwrap();
+        flood.join().unwrap();
+        assert_eq!(sink.done.lock().unwrap()[0].1[..], a[..]);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn a_recorded_session_replayed_later_fails() {
+    bounded(Duration::from_secs(30), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        // Record the control connection (connection 0) of a real session.
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_addr = l.local_addr().unwrap();
+        let upstream = recv.local_addr();
+        let rec = recorded.clone();
+        let stop = Arc::new(AtomicU64::new(0));
+        thread::spawn(move || {
+            for (i, down) in l.incoming().enumerate() {
+                let Ok(down) = down else { break };
+                let up = TcpStream::connect(upstream).unwrap();
+                let (mut d2, mut u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let rec = rec.clone();
+                thread::spawn(move || {
+                    let mut from = down;
+                    let mut to = up;
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if i == 0 {
+                            rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut d2);
+                    let _ = d2.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        let s = Sender::connect(&tx_engine, proxy_addr, sender_cfg(Some(key), 1)).unwrap();
+        s.send_region(b"first".to_vec(), Arc::new(data(300_000, 4)))
+            .unwrap();
+        s.close().unwrap();
+        stop.store(1, Ordering::Relaxed);
+        let bytes = recorded.lock().unwrap().clone();
+        assert!(bytes.len() > 100);
+        // Replay the whole recorded control stream to the receiver.
+        let mut c = TcpStream::connect(upstream).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(&bytes);
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        // The receiver's fresh nonce makes the recorded proof wrong: it
+        // refuses, and no region is opened by the replay.
+        let text = String::from_utf8_lossy(&back);
+        assert!(text.contains("wrong key"), "{text:?}");
+        assert_eq!(sink.done.lock().unwrap().len(), 1);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn a_source_error_fails_the_region_with_a_clear_error() {
+    struct Failing;
+    impl Source for Failing {
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+            Err(std::io::Error::other("disk on fire"))
+        }
+    }
+    bounded(Duration::from_secs(30), || {
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, None);
+        let s = Sender::connect(&tx_engine, recv.local_addr(), sender_cfg(None, 1)).unwrap();
+        // The digest is computed by the caller: it fails there first.
+        let e: TransportError = s.send_region(b"f".to_vec(), Arc::new(Failing)).unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        // Chunks read on the engine's cores fail the session, not retried.
+        let id = s.open_region(b"g".to_vec(), Arc::new(Failing)).unwrap();
+        s.close_region(id, [0; 32]).unwrap();
+        let e = s.wait_region(id).unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        s.cancel();
+        assert!(sink.done.lock().unwrap().is_empty());
+    });
+}
