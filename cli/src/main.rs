@@ -3,6 +3,7 @@
 mod bench_codec;
 mod bench_engine;
 mod netref;
+mod transfer;
 mod units;
 
 use std::io::IsTerminal;
@@ -29,6 +30,70 @@ enum Cmd {
     /// Measures a part of dwcp next to its reference.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Writes a new pre-shared key (mode 0600) for `serve` and `send`.
+    Keygen(KeygenArgs),
+    /// Receives files and directory trees into a directory.
+    Serve(ServeArgs),
+    /// Sends files and directory trees to a `dwcp serve`.
+    Send(SendArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where to write the key; an existing file is never overwritten.
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// The pre-shared key file (`dwcp keygen FILE`); both sides need it.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Run without authentication; only with a peer started the same way.
+    #[arg(long)]
+    insecure_no_auth: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (host:port).
+    #[arg(long)]
+    listen: String,
+    /// Directory files are written into.
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Engine workers (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Files and directories (sent recursively).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// The receiver (host:port).
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Data streams: 1..=64, or auto.
+    #[arg(long, default_value = "auto", value_parser = transfer::parse_streams)]
+    streams: dwcp_transport::StreamCount,
+    /// Codec policy: datacenter (LZ4), internet (ZStd), auto, none.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Rate limit on the wire (300mbit, 1gbit; 0 for none).
+    #[arg(long, default_value = "0", value_parser = transfer::parse_rate_limit)]
+    rate_limit: u64,
+    /// One JSON object at the end instead of the progress bar and summary.
+    #[arg(long)]
+    json: bool,
+    /// Engine workers (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +313,22 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(BenchCmd::Codec(a)) => bench_codec(a),
         Cmd::Bench(BenchCmd::Engine(a)) => bench_engine(a),
+        Cmd::Keygen(a) => transfer::keygen(&a.file),
+        Cmd::Serve(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)
+            .and_then(|key| transfer::serve(&a.listen, &a.dir, key, a.workers.map(|w| w as usize))),
+        Cmd::Send(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)
+            .and_then(|key| {
+                transfer::send(&transfer::SendOptions {
+                    paths: a.paths.clone(),
+                    to: a.to.clone(),
+                    key,
+                    streams: a.streams,
+                    mode: a.mode.clone(),
+                    rate_limit_bps: a.rate_limit,
+                    json: a.json,
+                    workers: a.workers.map(|w| w as usize),
+                })
+            }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@
 pub mod auth;
 mod conn;
 pub mod error;
+pub mod files;
 pub mod pace;
 mod receiver;
 pub mod sched;
