@@ -173,10 +173,7 @@ impl MsgReader {
 
     /// A protocol error of this peer.
     pub(crate) fn wire(&self, e: WireError) -> TransportError {
-        TransportError::Wire {
-            peer: self.peer.clone(),
-            source: e,
-        }
+        crate::error::wire_err(&self.peer, e)
     }
 }
 

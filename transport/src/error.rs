@@ -147,3 +147,22 @@ impl TransportError {
         }
     }
 }
+
+/// A protocol error of `peer`.
+pub(crate) fn wire_err(peer: &str, source: WireError) -> TransportError {
+    TransportError::Wire {
+        peer: peer.to_string(),
+        source,
+    }
+}
+
+/// The error a `REFUSE` or `ERROR` body from `peer` stands for.
+pub(crate) fn refused(body: &[u8], peer: &str) -> TransportError {
+    match crate::wire::Reason::decode(body) {
+        Ok(r) => TransportError::Refused {
+            code: r.code,
+            text: r.text,
+        },
+        Err(e) => wire_err(peer, e),
+    }
+}

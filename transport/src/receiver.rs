@@ -15,7 +15,7 @@ use dwcp_engine::{
 
 use crate::auth::{self, Direction, Tagger};
 use crate::conn::{self, MsgReader, MsgWriter};
-use crate::error::{TransportError, WireError};
+use crate::error::{TransportError, WireError, refused, wire_err};
 use crate::session::{
     Mailbox, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter, Sink, lock,
 };
@@ -236,13 +236,6 @@ fn expire(shared: &Shared) {
     }
 }
 
-fn wire_err(peer: &str, source: WireError) -> TransportError {
-    TransportError::Wire {
-        peer: peer.to_string(),
-        source,
-    }
-}
-
 async fn refuse(w: &mut MsgWriter, code: u16, text: impl Into<String>) -> TransportError {
     let text = text.into();
     let body = Reason {
@@ -373,13 +366,7 @@ async fn control(
             p.copy_from_slice(body);
             p
         }
-        Some((Kind::Refuse, body)) => {
-            let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
-            return Err(TransportError::Refused {
-                code: reason.code,
-                text: reason.text,
-            });
-        }
+        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
         Some((k, _)) => {
             let e = wire_err(
                 &peer,
@@ -531,11 +518,7 @@ async fn control_loop(
                 return Ok(true);
             }
             Kind::Error => {
-                let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
-                return Err(TransportError::Refused {
-                    code: reason.code,
-                    text: reason.text,
-                });
+                return Err(refused(body, &peer));
             }
             other => {
                 return Err(wire_err(

@@ -17,7 +17,7 @@ use dwcp_engine::{
 
 use crate::auth::{self, Direction, Tagger};
 use crate::conn::{self, MsgReader, MsgWriter};
-use crate::error::{TransportError, WireError};
+use crate::error::{TransportError, WireError, refused, wire_err};
 use crate::pace::{BandwidthEstimate, TokenBucket};
 use crate::sched::{Chunk, Scheduler};
 use crate::session::{
@@ -413,19 +413,6 @@ pub fn digest(source: &dyn Source) -> std::io::Result<[u8; 32]> {
 
 type Handshake = ([u8; 16], [u8; 32], Welcome);
 
-fn refused(body: &[u8], peer: &str) -> TransportError {
-    match Reason::decode(body) {
-        Ok(r) => TransportError::Refused {
-            code: r.code,
-            text: r.text,
-        },
-        Err(e) => TransportError::Wire {
-            peer: peer.to_string(),
-            source: e,
-        },
-    }
-}
-
 async fn connect(addr: SocketAddr, cfg: &SenderConfig) -> Result<LocalTcpStream, TransportError> {
     match timeout(cfg.connect_timeout, LocalTcpStream::connect(addr)).await {
         Ok(r) => r.map_err(|e| TransportError::io(format!("connecting to {addr}"), e)),
@@ -531,13 +518,6 @@ async fn handshake(
     Ok((ch.session, session_key, welcome))
 }
 
-fn wire_err(peer: &str, source: WireError) -> TransportError {
-    TransportError::Wire {
-        peer: peer.to_string(),
-        source,
-    }
-}
-
 /// Runs the control stream: a writer task draining the mailbox, and this
 /// task reading `DONE`, `BYE` and `ERROR` into the session.
 async fn control_tasks(
@@ -588,11 +568,7 @@ async fn control_tasks(
                     return Ok(());
                 }
                 Kind::Error => {
-                    let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
-                    return Err(TransportError::Refused {
-                        code: reason.code,
-                        text: reason.text,
-                    });
+                    return Err(refused(body, &peer));
                 }
                 other => {
                     return Err(wire_err(
