@@ -2,6 +2,7 @@
 
 mod bench_codec;
 mod bench_engine;
+mod netns;
 mod netref;
 mod transfer;
 mod units;
