@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::session::{FileSource, RegionInfo, RegionWriter, Sink};
+use crate::treehash::PieceDigest;
 
 /// Version byte of [`FileMeta`]'s encoding.
 const META_VERSION: u8 = 1;
@@ -202,6 +203,7 @@ impl Sink for DirSink {
             tmp,
             target,
             len: info.len,
+            digest: PieceDigest::new(info.len),
             meta,
             report: self.report,
         }))
@@ -213,6 +215,8 @@ struct FileRegion {
     tmp: PathBuf,
     target: PathBuf,
     len: u64,
+    /// The BLAKE3 of what was written, assembled as it is written.
+    digest: PieceDigest,
     meta: FileMeta,
     report: Option<Report>,
 }
@@ -220,16 +224,13 @@ struct FileRegion {
 impl FileRegion {
     fn finish_inner(&self, digest: &[u8; 32]) -> Result<(), String> {
         let what = |e: io::Error| format!("{}: {e}", self.tmp.display());
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < self.len {
-            let n = (self.len - off).min(buf.len() as u64) as usize;
-            self.file.read_exact_at(&mut buf[..n], off).map_err(what)?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        if h.finalize() != blake3::Hash::from_bytes(*digest) {
+        // Pieces hashed as they were written; the rest is read back.
+        let got = self.digest.finish(|off, buf| {
+            self.file
+                .read_exact_at(buf, off)
+                .map_err(|e| format!("{}: {e}", self.tmp.display()))
+        })?;
+        if got != blake3::Hash::from_bytes(*digest) {
             return Err(format!(
                 "{}: BLAKE3 digest does not match the sender's; discarded",
                 self.meta.path
@@ -257,7 +258,9 @@ impl RegionWriter for FileRegion {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| format!("writing {}: {e}", self.tmp.display()))
+            .map_err(|e| format!("writing {}: {e}", self.tmp.display()))?;
+        self.digest.record(offset, data);
+        Ok(())
     }
 
     fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {

@@ -15,15 +15,18 @@ pub mod auth;
 mod conn;
 pub mod error;
 pub mod files;
+pub mod memory;
 pub mod pace;
 mod receiver;
 pub mod sched;
 mod sender;
 pub mod session;
+pub mod treehash;
 pub mod wire;
 
 pub use auth::Key;
 pub use error::{TransportError, WireError};
+pub use memory::{MemorySink, ReceivedRegion};
 pub use receiver::Receiver;
 pub use sender::{Sender, digest};
 pub use session::{

@@ -208,6 +208,27 @@ impl Sender {
         lock(&self.shared.state).congestion_error.clone()
     }
 
+    /// Bytes each stream may have unacknowledged (the receiver's window).
+    pub fn window(&self) -> u64 {
+        u64::from(self.shared.welcome.window)
+    }
+
+    /// Cuts data stream `i`'s connection as a network failure would: what
+    /// it has in flight and unacknowledged goes out on the other streams,
+    /// and the stream connects again. For fault drills (`dwcp bench
+    /// transport --kill-stream`); false when there is no such stream.
+    pub fn reset_stream(&self, i: usize) -> bool {
+        let mut st = lock(&self.shared.state);
+        if i >= st.dead.len() {
+            return false;
+        }
+        st.dead[i] = true;
+        if let Some(w) = st.wakers[i].take() {
+            w.wake();
+        }
+        true
+    }
+
     /// Starts sending a region read from `source`, described to the
     /// receiver's sink by `meta`; returns its id. Chunks start flowing at
     /// once; [`Sender::close_region`] says it is complete.

@@ -1,0 +1,314 @@
+//! A [`Sink`] that receives regions into memory: buffers and memory images
+//! sent by a federation service, and the receiving side of `dwcp bench
+//! transport`.
+//!
+//! Every region's bytes are reserved against a byte limit when it opens (a
+//! region that would exceed it is refused, so a peer cannot make the
+//! receiver allocate more than the limit), checked against the sender's
+//! BLAKE3 digest when it finishes, and then handed over whole: nothing of a
+//! region is visible before it is complete and verified.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::session::{RegionInfo, RegionWriter, Sink, lock};
+use crate::treehash::PieceDigest;
+
+/// A region received and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedRegion {
+    /// Its id in its session.
+    pub region: u32,
+    /// The sender's metadata.
+    pub meta: Vec<u8>,
+    /// Its length.
+    pub len: u64,
+    /// Its bytes; `None` when the sink discards what it verified.
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Receives regions into memory, up to a limit.
+#[derive(Debug)]
+pub struct MemorySink {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limit: u64,
+    keep: bool,
+    state: Mutex<SinkState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SinkState {
+    /// Bytes of open regions, and of finished ones not yet taken.
+    reserved: u64,
+    finished: VecDeque<ReceivedRegion>,
+    failed: u64,
+}
+
+impl MemorySink {
+    /// A sink holding at most `limit` bytes of regions at once (open ones
+    /// and finished ones not yet taken).
+    pub fn new(limit: u64) -> Self {
+        MemorySink {
+            inner: Arc::new(Inner {
+                limit,
+                keep: true,
+                state: Mutex::new(SinkState::default()),
+                cond: Condvar::new(),
+            }),
+        }
+    }
+
+    /// A sink that verifies each region and then frees it, reporting only
+    /// its id, metadata and length (for measuring).
+    pub fn discarding(limit: u64) -> Self {
+        let s = MemorySink::new(limit);
+        MemorySink {
+            inner: Arc::new(Inner {
+                keep: false,
+                ..Arc::into_inner(s.inner).expect("just made")
+            }),
+        }
+    }
+
+    /// A handle to give to [`crate::Receiver::bind`]; this one keeps
+    /// seeing what it receives.
+    pub fn handle(&self) -> Arc<dyn Sink> {
+        Arc::new(MemorySink {
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Takes the oldest finished region, waiting up to `wait` for one.
+    pub fn take(&self, wait: Duration) -> Option<ReceivedRegion> {
+        let deadline = Instant::now() + wait;
+        let mut st = lock(&self.inner.state);
+        loop {
+            if let Some(r) = st.finished.pop_front() {
+                if r.bytes.is_some() {
+                    st.reserved -= r.len;
+                }
+                return Some(r);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Regions that failed their digest check or were aborted.
+    pub fn failed(&self) -> u64 {
+        lock(&self.inner.state).failed
+    }
+}
+
+impl Sink for MemorySink {
+    fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String> {
+        let len = usize::try_from(info.len)
+            .map_err(|_| format!("region of {} bytes does not fit in memory", info.len))?;
+        {
+            let mut st = lock(&self.inner.state);
+            let after = st.reserved.saturating_add(info.len);
+            if after > self.inner.limit {
+                return Err(format!(
+                    "region of {} bytes: this receiver holds at most {} bytes in memory \
+                     and {} are in use",
+                    info.len, self.inner.limit, st.reserved
+                ));
+            }
+            st.reserved = after;
+        }
+        let Some(bytes) = zeroed(len) else {
+            lock(&self.inner.state).reserved -= info.len;
+            return Err(format!("cannot allocate {} bytes", info.len));
+        };
+        Ok(Arc::new(MemRegion {
+            sink: self.inner.clone(),
+            region: info.region,
+            meta: info.meta.clone(),
+            digest: PieceDigest::new(info.len),
+            bytes: Mutex::new(Some(bytes)),
+        }))
+    }
+}
+
+/// `len` zero bytes, or `None` when they cannot be allocated. Large
+/// zeroed allocations come from the kernel's zero pages lazily, so nothing
+/// is written here (unlike `resize`, which would touch every page).
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: `layout` has a non-zero size (len > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout
+    // of `[u8; len]` (alignment 1, size `len`), and all `len` bytes are
+    // initialised (zeroed), so it is a valid Vec<u8> of length and capacity
+    // `len`.
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+struct MemRegion {
+    sink: Arc<Inner>,
+    region: u32,
+    meta: Vec<u8>,
+    digest: PieceDigest,
+    /// `None` once finished or aborted.
+    bytes: Mutex<Option<Vec<u8>>>,
+}
+
+impl MemRegion {
+    /// Gives back the reservation of a region that will not be kept.
+    fn release(&self, len: u64, failed: bool) {
+        let mut st = lock(&self.sink.state);
+        st.reserved -= len;
+        st.failed += u64::from(failed);
+    }
+}
+
+impl RegionWriter for MemRegion {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        {
+            let mut b = lock(&self.bytes);
+            let b = b.as_mut().ok_or("the region is already finished")?;
+            let start = usize::try_from(offset).map_err(|_| "offset out of range")?;
+            b.get_mut(start..start.saturating_add(data.len()))
+                .ok_or("write outside the region")?
+                .copy_from_slice(data);
+        }
+        // Hashed outside the lock, on the placing core.
+        self.digest.record(offset, data);
+        Ok(())
+    }
+
+    fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
+        let Some(bytes) = lock(&self.bytes).take() else {
+            return Err("the region is already finished".into());
+        };
+        let len = bytes.len() as u64;
+        let got = self.digest.finish(|off, buf| {
+            let start = off as usize;
+            buf.copy_from_slice(&bytes[start..start + buf.len()]);
+            Ok(())
+        })?;
+        if got != blake3::Hash::from_bytes(*digest) {
+            self.release(len, true);
+            return Err(format!(
+                "region {}: BLAKE3 digest does not match the sender's; discarded",
+                self.region
+            ));
+        }
+        let keep = self.sink.keep;
+        let mut st = lock(&self.sink.state);
+        if !keep {
+            st.reserved -= len;
+        }
+        st.finished.push_back(ReceivedRegion {
+            region: self.region,
+            meta: self.meta.clone(),
+            len,
+            bytes: keep.then_some(bytes),
+        });
+        drop(st);
+        self.sink.cond.notify_all();
+        Ok(())
+    }
+
+    fn abort(&self) {
+        if let Some(b) = lock(&self.bytes).take() {
+            self.release(b.len() as u64, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(region: u32, len: u64) -> RegionInfo {
+        RegionInfo {
+            region,
+            len,
+            meta: b"m".to_vec(),
+        }
+    }
+
+    #[test]
+    fn verifies_then_hands_over() {
+        let sink = MemorySink::new(10 << 20);
+        let data: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i * 7 % 251) as u8).collect();
+        let w = sink.open(&info(4, data.len() as u64)).unwrap();
+        for (k, piece) in data.chunks(1 << 20).enumerate().rev() {
+            w.write_at((k << 20) as u64, piece).unwrap();
+        }
+        assert!(sink.take(Duration::ZERO).is_none(), "nothing before finish");
+        w.finish(blake3::hash(&data).as_bytes()).unwrap();
+        let r = sink.take(Duration::ZERO).unwrap();
+        assert_eq!(
+            (r.region, r.len, r.meta.as_slice()),
+            (4, data.len() as u64, &b"m"[..])
+        );
+        assert!(r.bytes.as_deref() == Some(&data[..]));
+        assert_eq!(lock(&sink.inner.state).reserved, 0);
+    }
+
+    #[test]
+    fn a_wrong_digest_discards() {
+        let sink = MemorySink::new(1 << 20);
+        let w = sink.open(&info(0, 100)).unwrap();
+        w.write_at(0, &[1; 100]).unwrap();
+        let e = w.finish(&[0; 32]).unwrap_err();
+        assert!(e.contains("digest"), "{e}");
+        assert!(sink.take(Duration::ZERO).is_none());
+        assert_eq!((sink.failed(), lock(&sink.inner.state).reserved), (1, 0));
+        assert!(
+            w.write_at(0, &[1]).is_err(),
+            "finished regions take no writes"
+        );
+    }
+
+    #[test]
+    fn the_limit_bounds_what_peers_can_make_it_hold() {
+        let sink = MemorySink::new(1000);
+        let a = sink.open(&info(0, 600)).unwrap();
+        let e = sink.open(&info(1, 600)).err().unwrap();
+        assert!(e.contains("at most 1000"), "{e}");
+        assert!(sink.open(&info(2, u64::MAX)).is_err());
+        a.abort();
+        let b = sink.open(&info(1, 600)).unwrap();
+        assert!(b.write_at(599, &[0, 0]).is_err(), "outside the region");
+        b.write_at(0, &[9; 600]).unwrap();
+        b.finish(blake3::hash(&[9; 600]).as_bytes()).unwrap();
+        // Kept until taken.
+        assert!(sink.open(&info(3, 600)).is_err());
+        assert!(sink.take(Duration::ZERO).is_some());
+        assert!(sink.open(&info(3, 600)).is_ok());
+    }
+
+    #[test]
+    fn discarding_frees_after_verifying() {
+        let sink = MemorySink::discarding(1000);
+        let w = sink.open(&info(0, 600)).unwrap();
+        w.write_at(0, &[3; 600]).unwrap();
+        w.finish(blake3::hash(&[3; 600]).as_bytes()).unwrap();
+        assert!(sink.open(&info(1, 600)).is_ok(), "freed at finish");
+        let r = sink.take(Duration::ZERO).unwrap();
+        assert_eq!((r.len, r.bytes), (600, None));
+    }
+}
