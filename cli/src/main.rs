@@ -2,6 +2,7 @@
 
 mod bench_codec;
 mod bench_engine;
+mod bench_transport;
 mod netns;
 mod netref;
 mod transfer;
@@ -37,6 +38,90 @@ enum Cmd {
     Serve(ServeArgs),
     /// Sends files and directory trees to a `dwcp serve`.
     Send(SendArgs),
+    /// One side of `dwcp bench transport`, run inside its namespace.
+    #[command(subcommand, hide = true)]
+    BenchPeer(BenchPeerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchPeerCmd {
+    /// Receives one session into memory and reports.
+    Recv(RecvPeerArgs),
+    /// Sends generated data (or a file) as one region and reports.
+    Send(SendPeerArgs),
+}
+
+#[derive(Debug, Args)]
+struct RecvPeerArgs {
+    #[arg(long)]
+    listen: String,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, value_parser = parse_size)]
+    limit: u64,
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Duration,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct SendPeerArgs {
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, value_parser = bench_transport::parse_data)]
+    data: bench_transport::Data,
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    #[arg(long, value_parser = transfer::parse_streams)]
+    streams: dwcp_transport::StreamCount,
+    #[arg(long)]
+    mode: String,
+    #[arg(long, value_parser = parse_rate)]
+    link_rate: u64,
+    #[arg(long, value_parser = parse_size)]
+    kill_stream_at: Option<u64>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct TransportBenchArgs {
+    /// What to send: random (incompressible), synthetic (the memory
+    /// corpus), or a file.
+    #[arg(long, default_value = "random", value_parser = bench_transport::parse_data)]
+    data: bench_transport::Data,
+    /// Bytes to send of random or synthetic data (512MiB, 1GiB).
+    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    size: u64,
+    /// Data streams: 1..=64, or auto.
+    #[arg(long, default_value = "4")]
+    streams: String,
+    /// Codec policies, comma-separated, each measured in every run:
+    /// datacenter, internet, auto, none.
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    mode: Vec<String>,
+    /// tbf rate of the veth link (300mbit, 1gbit; 0 for unlimited).
+    #[arg(long, value_parser = parse_rate, default_value = "1gbit")]
+    rate: u64,
+    /// Runs, interleaved; medians are printed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeat: u64,
+    /// Engine workers of each side (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: Option<u64>,
+    /// Cut one data stream's connection when a third of the data is
+    /// acknowledged; report what was sent again.
+    #[arg(long)]
+    kill_stream: bool,
+    /// Skip the iperf3 reference.
+    #[arg(long)]
+    no_iperf3: bool,
+    /// One JSON object per line instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +201,10 @@ enum BenchCmd {
     /// connections and small-message echo latency, next to plain std::net
     /// sockets and iperf3.
     Engine(EngineBenchArgs),
+    /// An AMST session between two network namespaces joined by veth
+    /// (optionally limited with tbf), next to `iperf3 -P N` on the same
+    /// link. Needs root.
+    Transport(TransportBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -270,6 +359,27 @@ fn bench_engine(a: &EngineBenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_transport(a: &TransportBenchArgs) -> Result<()> {
+    let opts = bench_transport::Options {
+        data: a.data.clone(),
+        size: a.size,
+        streams: a.streams.clone(),
+        modes: a.mode.clone(),
+        rate_bps: a.rate,
+        repeat: a.repeat as usize,
+        workers: a.workers.map(|w| w as usize),
+        kill_stream: a.kill_stream.then_some(1.0 / 3.0),
+        no_iperf3: a.no_iperf3,
+    };
+    let report = bench_transport::run(&opts, progress(a.json))?;
+    if a.json {
+        report.print_json();
+    } else {
+        report.print_table();
+    }
+    Ok(())
+}
+
 fn emit(rows: &[bench_codec::Row], link_bps: u64, json: bool) {
     if json {
         for r in rows {
@@ -314,6 +424,29 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(BenchCmd::Codec(a)) => bench_codec(a),
         Cmd::Bench(BenchCmd::Engine(a)) => bench_engine(a),
+        Cmd::Bench(BenchCmd::Transport(a)) => bench_transport(a),
+        Cmd::BenchPeer(BenchPeerCmd::Recv(a)) => {
+            bench_transport::recv_peer(&bench_transport::RecvPeer {
+                listen: a.listen.clone(),
+                key: a.key.clone(),
+                limit: a.limit,
+                timeout: a.timeout,
+                workers: a.workers.map(|w| w as usize),
+            })
+        }
+        Cmd::BenchPeer(BenchPeerCmd::Send(a)) => {
+            bench_transport::send_peer(&bench_transport::SendPeer {
+                to: a.to.clone(),
+                key: a.key.clone(),
+                data: a.data.clone(),
+                size: a.size,
+                streams: a.streams,
+                mode: a.mode.clone(),
+                link_rate: a.link_rate,
+                kill_stream_at: a.kill_stream_at,
+                workers: a.workers.map(|w| w as usize),
+            })
+        }
         Cmd::Keygen(a) => transfer::keygen(&a.file),
         Cmd::Serve(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)
             .and_then(|key| transfer::serve(&a.listen, &a.dir, key, a.workers.map(|w| w as usize))),

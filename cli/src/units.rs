@@ -46,12 +46,17 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// Parses a rate in bits per second as tc writes them: `300mbit`, `1gbit`,
-/// `100kbit`, `10bit`, `0` (unlimited).
+/// `100kbit`, `10bit`, `0` (unlimited); tc's byte units (`bps`, `kbps`,
+/// `mbps`, `gbps`: bytes per second) mean what they mean to tc.
 pub fn parse_rate(s: &str) -> Result<u64> {
     let (n, unit) = split_number(s)?;
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" if n == 0.0 => 0.0,
-        "bit" | "bps" => 1.0,
+        "bit" => 1.0,
+        "bps" => 8.0,
+        "kbps" => 8e3,
+        "mbps" => 8e6,
+        "gbps" => 8e9,
         "kbit" => 1e3,
         "mbit" => 1e6,
         "gbit" => 1e9,

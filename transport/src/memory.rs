@@ -40,6 +40,9 @@ struct Inner {
     keep: bool,
     state: Mutex<SinkState>,
     cond: Condvar,
+    /// Buffers of verified, discarded regions (and prefaulted ones), reused
+    /// by later regions of a discarding sink.
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +63,7 @@ impl MemorySink {
                 keep: true,
                 state: Mutex::new(SinkState::default()),
                 cond: Condvar::new(),
+                pool: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -108,6 +112,22 @@ impl MemorySink {
         }
     }
 
+    /// Allocates and touches a `len`-byte buffer now, for a discarding
+    /// sink to receive a region of up to `len` bytes into later without
+    /// faulting in fresh pages while it receives (as a VMM's guest memory
+    /// is in place before a migration arrives). Does nothing for a sink
+    /// that keeps what it receives.
+    pub fn prefault(&self, len: u64) -> Result<(), String> {
+        if self.inner.keep {
+            return Ok(());
+        }
+        let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit in memory"))?;
+        let mut buf = zeroed(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
+        populate(&mut buf);
+        lock(&self.inner.pool).push(buf);
+        Ok(())
+    }
+
     /// Regions that failed their digest check or were aborted.
     pub fn failed(&self) -> u64 {
         lock(&self.inner.state).failed
@@ -130,7 +150,19 @@ impl Sink for MemorySink {
             }
             st.reserved = after;
         }
-        let Some(bytes) = zeroed(len) else {
+        // A discarding sink reuses a buffer that is large enough: every
+        // byte of it is written before the digest is checked, and the
+        // digest covers every byte, so nothing stale can pass.
+        let reused = if self.inner.keep {
+            None
+        } else {
+            let mut pool = lock(&self.inner.pool);
+            let best = (0..pool.len())
+                .filter(|&i| pool[i].len() >= len)
+                .min_by_key(|&i| pool[i].len());
+            best.map(|i| pool.swap_remove(i))
+        };
+        let Some(bytes) = reused.or_else(|| zeroed(len)) else {
             lock(&self.inner.state).reserved -= info.len;
             return Err(format!("cannot allocate {} bytes", info.len));
         };
@@ -138,6 +170,7 @@ impl Sink for MemorySink {
             sink: self.inner.clone(),
             region: info.region,
             meta: info.meta.clone(),
+            len,
             digest: PieceDigest::new(info.len),
             bytes: Mutex::new(Some(bytes)),
         }))
@@ -164,21 +197,59 @@ fn zeroed(len: usize) -> Option<Vec<u8>> {
     Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
+/// Faults every page of `buf` in, writable: one `MADV_POPULATE_WRITE`
+/// (Linux 5.14) over its whole pages, or a write per page where that is
+/// not available. Reading would only map the shared zero page.
+fn populate(buf: &mut [u8]) {
+    const PAGE: usize = 4096;
+    let start = buf.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(PAGE);
+    let end = (start + buf.len()) / PAGE * PAGE;
+    if end > first {
+        // SAFETY: [first, end) lies inside `buf`, which this function
+        // borrows mutably; MADV_POPULATE_WRITE only faults pages in (as a
+        // write of their current contents would) and changes no byte.
+        let r = unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                end - first,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+    for b in buf.iter_mut().step_by(PAGE) {
+        // A volatile write of the byte's own value faults the page in
+        // and cannot be optimised away.
+        // SAFETY: `b` is a valid, exclusive reference to a byte of `buf`.
+        unsafe { std::ptr::write_volatile(b, *b) };
+    }
+}
+
 struct MemRegion {
     sink: Arc<Inner>,
     region: u32,
     meta: Vec<u8>,
+    /// The region's length; `bytes` may be longer (a reused buffer).
+    len: usize,
     digest: PieceDigest,
     /// `None` once finished or aborted.
     bytes: Mutex<Option<Vec<u8>>>,
 }
 
 impl MemRegion {
-    /// Gives back the reservation of a region that will not be kept.
-    fn release(&self, len: u64, failed: bool) {
+    /// Gives back the reservation of a region that will not be kept, and
+    /// its buffer to the pool of a discarding sink.
+    fn release(&self, buf: Vec<u8>, failed: bool) {
         let mut st = lock(&self.sink.state);
-        st.reserved -= len;
+        st.reserved -= self.len as u64;
         st.failed += u64::from(failed);
+        drop(st);
+        if !self.sink.keep {
+            lock(&self.sink.pool).push(buf);
+        }
     }
 }
 
@@ -187,6 +258,7 @@ impl RegionWriter for MemRegion {
         {
             let mut b = lock(&self.bytes);
             let b = b.as_mut().ok_or("the region is already finished")?;
+            let b = &mut b[..self.len];
             let start = usize::try_from(offset).map_err(|_| "offset out of range")?;
             b.get_mut(start..start.saturating_add(data.len()))
                 .ok_or("write outside the region")?
@@ -198,32 +270,36 @@ impl RegionWriter for MemRegion {
     }
 
     fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
-        let Some(bytes) = lock(&self.bytes).take() else {
+        let Some(mut bytes) = lock(&self.bytes).take() else {
             return Err("the region is already finished".into());
         };
-        let len = bytes.len() as u64;
+        let len = self.len as u64;
         let got = self.digest.finish(|off, buf| {
             let start = off as usize;
             buf.copy_from_slice(&bytes[start..start + buf.len()]);
             Ok(())
         })?;
         if got != blake3::Hash::from_bytes(*digest) {
-            self.release(len, true);
+            self.release(bytes, true);
             return Err(format!(
                 "region {}: BLAKE3 digest does not match the sender's; discarded",
                 self.region
             ));
         }
         let keep = self.sink.keep;
+        let kept = if keep {
+            bytes.truncate(self.len);
+            Some(bytes)
+        } else {
+            self.release(bytes, false);
+            None
+        };
         let mut st = lock(&self.sink.state);
-        if !keep {
-            st.reserved -= len;
-        }
         st.finished.push_back(ReceivedRegion {
             region: self.region,
             meta: self.meta.clone(),
             len,
-            bytes: keep.then_some(bytes),
+            bytes: kept,
         });
         drop(st);
         self.sink.cond.notify_all();
@@ -232,7 +308,7 @@ impl RegionWriter for MemRegion {
 
     fn abort(&self) {
         if let Some(b) = lock(&self.bytes).take() {
-            self.release(b.len() as u64, true);
+            self.release(b, true);
         }
     }
 }
@@ -310,5 +386,25 @@ mod tests {
         assert!(sink.open(&info(1, 600)).is_ok(), "freed at finish");
         let r = sink.take(Duration::ZERO).unwrap();
         assert_eq!((r.len, r.bytes), (600, None));
+    }
+
+    #[test]
+    fn discarding_reuses_buffers_and_still_checks_every_byte() {
+        let sink = MemorySink::discarding(1 << 20);
+        sink.prefault(1000).unwrap();
+        let w = sink.open(&info(0, 700)).unwrap();
+        w.write_at(0, &[5; 700]).unwrap();
+        w.finish(blake3::hash(&[5; 700]).as_bytes()).unwrap();
+        assert_eq!(lock(&sink.inner.pool).len(), 1, "given back");
+        // The next region lands in the same (stale) buffer: a missing
+        // write would leave old bytes, which the digest catches.
+        let w = sink.open(&info(1, 500)).unwrap();
+        assert!(w.write_at(499, &[0, 0]).is_err(), "bounded by the region");
+        w.write_at(0, &[6; 400]).unwrap();
+        let mut want = vec![6u8; 400];
+        want.extend([0u8; 100]);
+        assert!(w.finish(blake3::hash(&want).as_bytes()).is_err());
+        assert_eq!(sink.failed(), 1);
+        assert_eq!(lock(&sink.inner.state).reserved, 0);
     }
 }

@@ -645,6 +645,8 @@ async fn stream_main(shared: Arc<Shared>, i: usize) {
         shared.cond.notify_all();
         match r {
             Ok(true) => {
+                // It worked, then failed: a failure, but a fresh one.
+                Metrics::add(&shared.metrics.stream_failures, 1);
                 last_ok = Instant::now();
                 backoff = Duration::from_millis(50);
             }

@@ -58,7 +58,8 @@ impl PieceDigest {
     /// the root, not a chaining value) is left to [`PieceDigest::finish`].
     pub fn record(&self, offset: u64, data: &[u8]) {
         let n = data.len() as u64;
-        if n < MIN_PIECE.min(self.len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64) {
+        if n < MIN_PIECE.min(self.len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64)
+        {
             return;
         }
         let Some(end) = offset.checked_add(n) else {

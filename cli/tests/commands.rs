@@ -1,0 +1,290 @@
+//! The `dwcp` binary as users run it: `keygen`, `serve` and `send` as
+//! separate processes on loopback, and `bench transport` across two network
+//! namespaces (root only; skipped with the reason otherwise). Every child is
+//! killed when a test ends, pass or fail, and every wait is bounded.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const DWCP: &str = env!("CARGO_BIN_EXE_dwcp");
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("dwcp-cli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child killed on drop.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `dwcp args` to completion within `limit`; returns status success,
+/// stdout and stderr.
+fn dwcp(args: &[&str], limit: Duration) -> (bool, String, String) {
+    let (ok, out, err, _) = dwcp_pid(args, limit);
+    (ok, out, err)
+}
+
+/// [`dwcp`], with the child's pid.
+fn dwcp_pid(args: &[&str], limit: Duration) -> (bool, String, String, u32) {
+    let mut child = Kill(
+        Command::new(DWCP)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dwcp {args:?} ran past {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let ok = child.0.wait().unwrap().success();
+    (ok, out, err, child.0.id())
+}
+
+/// Starts `dwcp serve` into `dir` on a free loopback port; returns it and
+/// its address.
+fn serve(dir: &Path, key: &Path) -> (Kill, String) {
+    let mut child = Command::new(DWCP)
+        .args(["serve", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .arg("--key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let child = Kill(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("serve says where it listens");
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+#[test]
+fn serve_and_send_move_a_tree_between_two_processes() {
+    let s = Scratch::new("tree");
+    let key = s.0.join("key");
+    let (ok, _, err) = dwcp(&["keygen", key.to_str().unwrap()], Duration::from_secs(10));
+    assert!(ok, "{err}");
+    assert_eq!(fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+    let src = s.0.join("src/tree");
+    fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    let big: Vec<u8> = (0..3_500_000u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[3])
+        .collect();
+    fs::write(src.join("big.bin"), &big).unwrap();
+    fs::write(src.join("sub/text.txt"), "hello\n".repeat(10_000)).unwrap();
+    fs::write(src.join("sub/deeper/empty"), b"").unwrap();
+    fs::set_permissions(src.join("sub/text.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    let dst = s.0.join("dst");
+    fs::create_dir_all(&dst).unwrap();
+    let (_server, addr) = serve(&dst, &key);
+    let (ok, out, err) = dwcp(
+        &[
+            "send",
+            src.to_str().unwrap(),
+            "--to",
+            &addr,
+            "--key",
+            key.to_str().unwrap(),
+            "--streams",
+            "3",
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(ok, "send failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["files"], 3, "{report}");
+    for rel in ["big.bin", "sub/text.txt", "sub/deeper/empty"] {
+        let a = src.join(rel);
+        let b = dst.join("tree").join(rel);
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap(), "{rel}");
+        let (ma, mb) = (fs::metadata(&a).unwrap(), fs::metadata(&b).unwrap());
+        assert_eq!(ma.mode() & 0o777, mb.mode() & 0o777, "{rel} mode");
+        assert_eq!(ma.mtime(), mb.mtime(), "{rel} mtime");
+    }
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = walk(&dst)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".dwcp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn send_with_the_wrong_key_is_refused_and_writes_nothing() {
+    let s = Scratch::new("wrongkey");
+    let (k1, k2) = (s.0.join("k1"), s.0.join("k2"));
+    for k in [&k1, &k2] {
+        assert!(dwcp(&["keygen", k.to_str().unwrap()], Duration::from_secs(10)).0);
+    }
+    fs::write(s.0.join("f"), b"secret").unwrap();
+    let dst = s.0.join("dst");
+    fs::create_dir_all(&dst).unwrap();
+    let (_server, addr) = serve(&dst, &k1);
+    let (ok, _, err) = dwcp(
+        &[
+            "send",
+            s.0.join("f").to_str().unwrap(),
+            "--to",
+            &addr,
+            "--key",
+            k2.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!ok);
+    assert!(err.contains("key"), "{err}");
+    assert!(walk(&dst).is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Whether this process may create network namespaces (root); prints why
+/// not otherwise.
+fn root() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid_root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        == Some("0");
+    if !euid_root {
+        println!("skipping: needs root to create network namespaces");
+    }
+    euid_root
+}
+
+#[test]
+fn bench_transport_moves_data_between_namespaces_and_survives_a_cut_stream() {
+    if !root() {
+        return;
+    }
+    let (ok, out, err, pid) = dwcp_pid(
+        &[
+            "bench",
+            "transport",
+            "--size",
+            "48MiB",
+            "--rate",
+            "1gbit",
+            "--streams",
+            "2",
+            "--mode",
+            "none,datacenter",
+            "--repeat",
+            "1",
+            "--kill-stream",
+            "--no-iperf3",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(ok, "bench failed: {err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (r, mode) in rows.iter().zip(["none", "datacenter"]) {
+        assert_eq!(r["name"], "dwcp");
+        assert_eq!(r["mode"], mode);
+        assert_eq!(r["rate"], 1_000_000_000u64);
+        assert_eq!(r["data"], "random");
+        assert_eq!(r["bytes"], 48u64 << 20);
+        let goodput = r["goodput_gbps"].as_f64().unwrap();
+        // Bounds that only a broken measurement breaks: above zero, and
+        // not above the tbf rate (random data does not compress).
+        assert!(goodput > 0.0 && goodput < 1.0, "{r}");
+        assert!(r["cpu_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["stream_failures"].as_u64().unwrap() >= 1, "{r}");
+        let window = r["window"].as_u64().unwrap();
+        assert!(
+            r["retransmitted_bytes"].as_u64().unwrap() < 2 * window,
+            "{r}"
+        );
+    }
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let me = format!("dwcp-{pid}-");
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains(&me),
+        "namespaces left behind"
+    );
+}
