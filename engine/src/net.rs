@@ -317,6 +317,33 @@ impl LocalTcpStream {
         )
     }
 
+    /// Makes a peer that vanished (host down, link cut: no FIN, no RST)
+    /// show up as an error within about `after`: TCP keepalive probes start
+    /// after a third of it idle and go every sixth of it, and
+    /// `TCP_USER_TIMEOUT` fails the socket when sent data stays
+    /// unacknowledged that long. Whole seconds for keepalive (at least 1).
+    pub fn set_dead_peer_timeout(&self, after: std::time::Duration) -> io::Result<()> {
+        let secs = |d: std::time::Duration| d.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let int = |v: i32| v.to_ne_bytes();
+        let fd = self.raw_fd();
+        setsockopt_bytes(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &int(1))?;
+        setsockopt_bytes(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPIDLE,
+            &int(secs(after / 3)),
+        )?;
+        setsockopt_bytes(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            &int(secs(after / 6)),
+        )?;
+        setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &int(3))?;
+        let ms = after.as_millis().clamp(1, i32::MAX as u128) as i32;
+        setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &int(ms))
+    }
+
     /// Sends from `buf` (one `send(2)`, `MSG_NOSIGNAL`); may send less.
     pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
         let (res, buf, _) = Op::new(SendOp {

@@ -26,6 +26,9 @@ use crate::wire::{
 
 /// How long a fresh connection has to say who it is.
 const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+/// How long a control connection's peer may stay silent to TCP (no ACK,
+/// no keepalive answer) before the connection counts as dead.
+const CONTROL_DEAD_PEER: Duration = Duration::from_secs(20);
 /// How long a chunk waits for its region's OPEN.
 const OPEN_WAIT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks at its stop flag and expired sessions.
@@ -291,6 +294,9 @@ async fn control(
     hello: Hello,
 ) -> Result<(), TransportError> {
     let peer = r.peer.clone();
+    // A sender that vanishes without a FIN or RST frees its control
+    // connection (and starts its grace period) instead of holding it.
+    let _ = w.stream().set_dead_peer_timeout(CONTROL_DEAD_PEER);
     let cfg = &shared.cfg;
     let lo = hello.version_min.max(wire::VERSION_MIN);
     let hi = hello.version_max.min(wire::VERSION_MAX);

@@ -2,7 +2,7 @@
 //! scheduler between them, and regions from open to `DONE`.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -46,12 +46,24 @@ struct Shared {
     engine: EngineHandle,
     workers: usize,
     session: [u8; 16],
-    session_key: [u8; 32],
+    /// The session key of the current control connection (a resume makes
+    /// a new one); data streams join with it.
+    session_key: Mutex<[u8; 32]>,
     welcome: Welcome,
+    /// Streams asked for in `HELLO`, repeated when resuming.
+    hello_streams: u16,
     state: Mutex<State>,
     cond: Condvar,
-    control: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    control: Arc<Mailbox<Ctl>>,
     metrics: Metrics,
+}
+
+/// What the control stream's writer is given.
+pub(crate) enum Ctl {
+    /// A message to send.
+    Msg(Kind, Vec<u8>),
+    /// The connection failed: stop writing.
+    Stop,
 }
 
 struct State {
@@ -62,8 +74,13 @@ struct State {
     sources: HashMap<u32, Arc<dyn Source>>,
     /// `DONE` results by region.
     done: HashMap<u32, Option<Result<(), String>>>,
+    /// `OPEN` and (once closed) `CLOSE` of every region without a `DONE`
+    /// yet, in id order: what a resumed control stream says again.
+    pending: BTreeMap<u32, (Vec<u8>, Option<Vec<u8>>)>,
     next_region: u32,
     closing: bool,
+    /// `BYE` was queued (a resume queues it again).
+    bye_sent: bool,
     bye: bool,
     failed: Option<String>,
     bw: BandwidthEstimate,
@@ -116,6 +133,7 @@ impl Sender {
             .spawn_on(0, move || handshake(addr, hs_cfg, streams, mb, sl))?
             .join()??;
         let (session, session_key, welcome) = hs;
+        let hello_streams = streams;
         if cfg.chunk > welcome.max_chunk {
             return Err(TransportError::Config(format!(
                 "chunk of {} bytes; the receiver accepts at most {}",
@@ -138,16 +156,19 @@ impl Sender {
             engine: engine.handle(),
             workers: engine.workers(),
             session,
-            session_key,
+            session_key: Mutex::new(session_key),
             welcome,
+            hello_streams,
             state: Mutex::new(State {
                 sched: Scheduler::new(usize::from(streams), u64::from(welcome.window)),
                 wakers: vec![None; usize::from(streams)],
                 dead: vec![false; usize::from(streams)],
                 sources: HashMap::new(),
                 done: HashMap::new(),
+                pending: BTreeMap::new(),
                 next_region: 0,
                 closing: false,
+                bye_sent: false,
                 bye: false,
                 failed: None,
                 bw: BandwidthEstimate::new(Duration::from_millis(100), 50, now),
@@ -260,12 +281,15 @@ impl Sender {
             len,
             meta,
         };
-        // OPEN goes out before any chunk is given to a stream.
-        if !self.shared.control.push((Kind::Open, open.encode())) {
+        // OPEN goes out before any chunk is given to a stream; it is queued
+        // under the state lock, so a resume repeats it in order.
+        let body = open.encode();
+        if !self.shared.control.push(Ctl::Msg(Kind::Open, body.clone())) {
             return Err(TransportError::SessionLost(
                 "the control stream is closed".into(),
             ));
         }
+        st.pending.insert(id, (body, None));
         st.sources.insert(id, source);
         st.done.insert(id, None);
         st.sched.add_region(id, len, self.shared.cfg.chunk);
@@ -277,7 +301,7 @@ impl Sender {
     /// Says region `id` is complete, with the BLAKE3 `digest` of its bytes;
     /// the receiver finishes it when every chunk is placed.
     pub fn close_region(&self, id: u32, digest: [u8; 32]) -> Result<(), TransportError> {
-        let st = lock(&self.shared.state);
+        let mut st = lock(&self.shared.state);
         let Some(src) = st.sources.get(&id) else {
             return Err(TransportError::Config(format!("no region {id}")));
         };
@@ -289,11 +313,18 @@ impl Sender {
             len,
             digest,
         };
-        drop(st);
-        if !self.shared.control.push((Kind::Close, close.encode())) {
+        let body = close.encode();
+        if !self
+            .shared
+            .control
+            .push(Ctl::Msg(Kind::Close, body.clone()))
+        {
             return Err(TransportError::SessionLost(
                 "the control stream is closed".into(),
             ));
+        }
+        if let Some(p) = st.pending.get_mut(&id) {
+            p.1 = Some(body);
         }
         Ok(())
     }
@@ -363,7 +394,11 @@ impl Sender {
                 return Err(TransportError::SessionLost(f.clone()));
             }
         }
-        self.shared.control.push((Kind::Bye, Vec::new()));
+        {
+            let mut st = lock(&self.shared.state);
+            st.bye_sent = true;
+            self.shared.control.push(Ctl::Msg(Kind::Bye, Vec::new()));
+        }
         let bye_deadline = Instant::now() + self.shared.cfg.stall_timeout;
         let bye = {
             let mut st = lock(&self.shared.state);
@@ -445,11 +480,29 @@ async fn handshake(
     addr: SocketAddr,
     cfg: SenderConfig,
     streams: u16,
-    mailbox: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    mailbox: Arc<Mailbox<Ctl>>,
     slot: Arc<OnceLock<Weak<Shared>>>,
 ) -> Result<Handshake, TransportError> {
-    let stream = connect(addr, &cfg).await?;
+    let (r, w, hs) = handshake_conn(addr, &cfg, streams, [0; 16]).await?;
+    // Runs until the session ends; detached, the engine's shutdown ends it
+    // at the latest.
+    drop(spawn_local(control_tasks(r, w, mailbox, slot))?);
+    Ok(hs)
+}
+
+/// Opens a control connection and runs the handshake: a new session when
+/// `resume` is all zero, else that session again (with a new session key).
+async fn handshake_conn(
+    addr: SocketAddr,
+    cfg: &SenderConfig,
+    streams: u16,
+    resume: [u8; 16],
+) -> Result<(MsgReader, MsgWriter, Handshake), TransportError> {
+    let stream = connect(addr, cfg).await?;
     let _ = stream.set_nodelay(true);
+    // A receiver that vanishes without a FIN or RST (host down, link cut)
+    // shows up as an error instead of a control stream that waits forever.
+    let _ = stream.set_dead_peer_timeout(cfg.stall_timeout);
     let peer = addr.to_string();
     let (mut r, mut w) = conn::split(stream, peer.clone(), 0);
     let nonce: [u8; 32] = auth::random().map_err(|e| TransportError::io("random nonce", e))?;
@@ -459,7 +512,7 @@ async fn handshake(
         keyed: cfg.key.is_some(),
         caps: caps::ALL,
         nonce,
-        resume: [0; 16],
+        resume,
         policy: wire_policy(&cfg.policy),
         streams,
     };
@@ -506,6 +559,12 @@ async fn handshake(
             .await;
         return Err(TransportError::Auth(text.into()));
     }
+    if resume != [0; 16] && (!ch.resumed || ch.session != resume) {
+        return Err(TransportError::Protocol {
+            peer,
+            text: "asked to resume a session; the receiver answered with another".into(),
+        });
+    }
     w.send(
         Kind::Proof,
         auth::proof(&psk, b"client", &transcript).as_bytes(),
@@ -533,27 +592,19 @@ async fn handshake(
             ));
         }
     };
-    // Runs until the control stream ends; detached, the engine's shutdown
-    // ends it at the latest.
-    drop(spawn_local(control_tasks(r, w, mailbox, slot))?);
-    Ok((ch.session, session_key, welcome))
+    Ok((r, w, (ch.session, session_key, welcome)))
 }
 
-/// Runs the control stream: a writer task draining the mailbox, and this
-/// task reading `DONE`, `BYE` and `ERROR` into the session.
+/// Runs the control stream for the life of the session: a writer task
+/// draining the mailbox and this task reading `DONE`, `BYE` and `ERROR`.
+/// When the connection fails mid-session, the session is resumed on a new
+/// one (see [`resume`]); it fails only when that does not work.
 async fn control_tasks(
     mut r: MsgReader,
     mut w: MsgWriter,
-    mailbox: Arc<Mailbox<(Kind, Vec<u8>)>>,
+    mailbox: Arc<Mailbox<Ctl>>,
     slot: Arc<OnceLock<Weak<Shared>>>,
 ) {
-    let writer = spawn_local(async move {
-        while let Some((kind, body)) = mailbox.recv().await {
-            w.send(kind, &body).await?;
-        }
-        let _ = w.stream().shutdown(std::net::Shutdown::Write).await;
-        Ok::<(), TransportError>(())
-    });
     let shared = loop {
         if let Some(s) = slot.get() {
             break s.upgrade();
@@ -561,61 +612,180 @@ async fn control_tasks(
         let _ = sleep(Duration::from_millis(1)).await;
     };
     let Some(shared) = shared else { return };
-    let peer = r.peer.clone();
-    let result: Result<(), TransportError> = async {
-        loop {
-            let Some((kind, body)) = r.recv(None).await? else {
-                return Err(TransportError::SessionLost(format!(
-                    "{peer} closed the control stream"
-                )));
-            };
-            match kind {
-                Kind::Done => {
-                    let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
-                    let mut st = lock(&shared.state);
-                    if let Some(slot) = st.done.get_mut(&reason.id) {
-                        *slot = Some(if reason.code == code::OK {
-                            Ok(())
-                        } else {
-                            Err(reason.text)
-                        });
-                    }
-                    drop(st);
-                    shared.cond.notify_all();
+    loop {
+        let sock = w.stream().clone();
+        let mb = mailbox.clone();
+        let writer = spawn_local(async move {
+            while let Some(ctl) = mb.recv().await {
+                let Ctl::Msg(kind, body) = ctl else { break };
+                w.send(kind, &body).await?;
+            }
+            let _ = w.stream().shutdown(std::net::Shutdown::Write).await;
+            Ok::<(), TransportError>(())
+        });
+        // Every `stall_timeout`, the `CLOSE` of each closed region still
+        // without a `DONE` goes out again: the receiver answers a repeated
+        // `CLOSE` of a finished region with its `DONE` again, so a `DONE`
+        // lost with a failed connection costs a delay, never a hang.
+        let ticking = Rc::new(Cell::new(true));
+        let tick = ticking.clone();
+        let sh = shared.clone();
+        let ticker = spawn_local(async move {
+            loop {
+                let _ = sleep(sh.cfg.stall_timeout).await;
+                if !tick.get() {
+                    return;
                 }
-                Kind::Bye => {
-                    lock(&shared.state).bye = true;
-                    shared.cond.notify_all();
-                    return Ok(());
+                let st = lock(&sh.state);
+                if st.closing || st.bye {
+                    return;
                 }
-                Kind::Error => {
-                    return Err(refused(body, &peer));
+                for close in st.pending.values().filter_map(|(_, c)| c.as_ref()) {
+                    sh.control.push(Ctl::Msg(Kind::Close, close.clone()));
                 }
-                other => {
-                    return Err(wire_err(
-                        &peer,
-                        WireError::Unexpected {
-                            expected: "DONE, BYE or ERROR on the control stream",
-                            found: other,
-                        },
-                    ));
+            }
+        });
+        let result = read_control(&shared, &mut r).await;
+        ticking.set(false);
+        drop(ticker);
+        if result.is_ok() {
+            // BYE: the writer ends when the mailbox is closed.
+            if let Ok(h) = writer {
+                let _ = h.await;
+            }
+            return;
+        }
+        // The connection failed: stop its writer before anything is
+        // queued again (what it held is repeated from `pending`).
+        let _ = sock.shutdown(std::net::Shutdown::Both).await;
+        mailbox.push(Ctl::Stop);
+        if let Ok(h) = writer {
+            let _ = h.await;
+        }
+        let e = result.err().map(|e| e.to_string()).unwrap_or_default();
+        let resumable = {
+            let st = lock(&shared.state);
+            !(st.closing || st.bye || st.failed.is_some())
+        };
+        let outcome = if resumable {
+            resume(&shared).await.map_err(|e2| {
+                format!("the control stream failed ({e}) and the session could not resume: {e2}")
+            })
+        } else {
+            Err(e)
+        };
+        match outcome {
+            Ok((r2, w2)) => {
+                Metrics::add(&shared.metrics.resumes, 1);
+                r = r2;
+                w = w2;
+            }
+            Err(text) => {
+                let mut st = lock(&shared.state);
+                if !st.closing && !st.bye {
+                    st.failed.get_or_insert(text);
+                    st.wake_all();
                 }
+                drop(st);
+                shared.cond.notify_all();
+                shared.control.close();
+                return;
             }
         }
     }
-    .await;
-    if let Err(e) = result {
-        let mut st = lock(&shared.state);
-        if !st.closing && !st.bye {
-            st.failed.get_or_insert_with(|| e.to_string());
-            st.wake_all();
+}
+
+/// Reads the control stream into the session until `BYE` (`Ok`) or an
+/// error.
+async fn read_control(shared: &Arc<Shared>, r: &mut MsgReader) -> Result<(), TransportError> {
+    let peer = r.peer.clone();
+    loop {
+        let Some((kind, body)) = r.recv(None).await? else {
+            return Err(TransportError::SessionLost(format!(
+                "{peer} closed the control stream"
+            )));
+        };
+        match kind {
+            Kind::Done => {
+                let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
+                let mut st = lock(&shared.state);
+                if let Some(slot) = st.done.get_mut(&reason.id) {
+                    *slot = Some(if reason.code == code::OK {
+                        Ok(())
+                    } else {
+                        Err(reason.text)
+                    });
+                    st.pending.remove(&reason.id);
+                }
+                drop(st);
+                shared.cond.notify_all();
+            }
+            Kind::Bye => {
+                lock(&shared.state).bye = true;
+                shared.cond.notify_all();
+                return Ok(());
+            }
+            Kind::Error => {
+                return Err(refused(body, &peer));
+            }
+            other => {
+                return Err(wire_err(
+                    &peer,
+                    WireError::Unexpected {
+                        expected: "DONE, BYE or ERROR on the control stream",
+                        found: other,
+                    },
+                ));
+            }
         }
-        drop(st);
-        shared.cond.notify_all();
-        shared.control.close();
     }
-    if let Ok(h) = writer {
-        let _ = h.await;
+}
+
+/// Opens a new control connection to the same session within the
+/// sender's `resume_for`, retrying with backoff while the receiver cannot
+/// be reached; gives up at once when it answers that the session is gone
+/// or the key is wrong. On success the new session key is in place, and
+/// every region without a `DONE` has been queued again (`OPEN`, then
+/// `CLOSE` if it was closed), in order, ahead of anything newer.
+async fn resume(shared: &Arc<Shared>) -> Result<(MsgReader, MsgWriter), TransportError> {
+    let deadline = Instant::now() + shared.cfg.resume_for;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if lock(&shared.state).closing {
+            return Err(TransportError::Cancelled);
+        }
+        match handshake_conn(
+            shared.addr,
+            &shared.cfg,
+            shared.hello_streams,
+            shared.session,
+        )
+        .await
+        {
+            Ok((r, w, (_, key, _))) => {
+                let st = lock(&shared.state);
+                *lock(&shared.session_key) = key;
+                shared.control.clear();
+                for (open, close) in st.pending.values() {
+                    shared.control.push(Ctl::Msg(Kind::Open, open.clone()));
+                    if let Some(c) = close {
+                        shared.control.push(Ctl::Msg(Kind::Close, c.clone()));
+                    }
+                }
+                if st.bye_sent {
+                    shared.control.push(Ctl::Msg(Kind::Bye, Vec::new()));
+                }
+                return Ok((r, w));
+            }
+            Err(e @ (TransportError::Refused { .. } | TransportError::Auth(_))) => return Err(e),
+            Err(e) => {
+                if Instant::now() + backoff > deadline {
+                    return Err(e);
+                }
+            }
+        }
+        let _ = sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -715,7 +885,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
     let (mut r, mut w) = conn::split(stream, peer.clone(), 0);
     let stream_id = i as u16;
     let nonce: [u8; 32] = auth::random().map_err(|e| TransportError::io("random nonce", e))?;
-    let key = shared.session_key;
+    let key = *lock(&shared.session_key);
     let proof = auth::join_proof(&key, b"join", &shared.session, stream_id, &nonce, None);
     w.send(
         Kind::Join,

@@ -350,6 +350,11 @@ impl<T> Mailbox<T> {
         true
     }
 
+    /// Discards everything queued.
+    pub(crate) fn clear(&self) {
+        lock(&self.inner).queue.clear();
+    }
+
     /// Closes it: `recv` returns `None` once drained.
     pub(crate) fn close(&self) {
         let mut g = lock(&self.inner);

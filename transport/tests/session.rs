@@ -445,3 +445,144 @@ fn a_source_error_fails_the_region_with_a_clear_error() {
         assert!(sink.done.lock().unwrap().is_empty());
     });
 }
+
+/// A proxy that, once `after` bytes in all have gone towards the receiver,
+/// cuts every connection it carries at once (a full disconnect: control
+/// and data streams), and passes later connections untouched.
+struct CutAll {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+}
+
+impl CutAll {
+    fn start(upstream: SocketAddr, after: u64) -> CutAll {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (st, ct) = (stop.clone(), cut.clone());
+        let total = Arc::new(AtomicU64::new(0));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((down, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                let up = TcpStream::connect(upstream).unwrap();
+                if !ct.load(Ordering::Relaxed) {
+                    let mut v = live.lock().unwrap();
+                    v.push(down.try_clone().unwrap());
+                    v.push(up.try_clone().unwrap());
+                }
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (total, live, ct) = (total.clone(), live.clone(), ct.clone());
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let (mut from, mut to) = (down, up);
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let t = total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if t > after && !ct.swap(true, Ordering::Relaxed) {
+                            for s in live.lock().unwrap().drain(..) {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                thread::spawn(move || {
+                    let (mut from, mut to) = (u2, d2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        CutAll { addr, stop, cut }
+    }
+}
+
+impl Drop for CutAll {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_full_disconnect_resumes_without_resending_what_was_acknowledged() {
+    bounded(Duration::from_secs(90), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        let proxy = CutAll::start(recv.local_addr(), 24 << 20);
+        let s = Sender::connect(&tx_engine, proxy.addr, sender_cfg(Some(key), 4)).unwrap();
+        let window = s.window();
+        let a = data(64 << 20, 11);
+        let b = data(5 << 20, 12);
+        s.send_region(b"a".to_vec(), Arc::new(a.clone())).unwrap();
+        s.send_region(b"b".to_vec(), Arc::new(b.clone())).unwrap();
+        let m = s.close().unwrap();
+        assert!(
+            proxy.cut.load(Ordering::Relaxed),
+            "the proxy cut everything"
+        );
+        assert!(m.resumes >= 1, "the control stream resumed: {m:?}");
+        assert!(m.stream_failures >= 4, "every data stream failed: {m:?}");
+        // Only what was in flight goes again: at most every stream's window.
+        assert!(m.retransmitted_bytes <= 4 * window, "{m:?}");
+        assert!(recv.metrics().resumes >= 1);
+        let done = sink.done.lock().unwrap();
+        assert_eq!(done.len(), 2, "each region finished once");
+        assert!(done[0].1[..] == a[..] && done[1].1[..] == b[..]);
+        drop(done);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn a_restarted_receiver_fails_the_session_with_a_reason_and_holds_nothing() {
+    bounded(Duration::from_secs(60), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        let addr = recv.local_addr();
+        let s = Sender::connect(&tx_engine, addr, sender_cfg(Some(key.clone()), 2)).unwrap();
+        let a = data(256 << 20, 3);
+        let id = s.open_region(b"a".to_vec(), Arc::new(a)).unwrap();
+        while s.metrics().bytes_acked < 4 << 20 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // The receiver goes away with its session state; a new one starts
+        // on the same address.
+        recv.close().unwrap();
+        drop(rx_engine);
+        let rx2 = engine();
+        let cfg = ReceiverConfig {
+            key: Some(key),
+            ..ReceiverConfig::default()
+        };
+        let sink2 = Arc::new(MemSink::default());
+        let recv2 = Receiver::bind(&rx2, addr, cfg, Arc::new(SinkRef(sink2.clone()))).unwrap();
+        let e = s.wait_region(id).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("session"), "{text}");
+        assert!(sink.done.lock().unwrap().is_empty());
+        assert_eq!(
+            sink.aborted.load(Ordering::Relaxed),
+            1,
+            "the region was discarded"
+        );
+        assert!(sink2.done.lock().unwrap().is_empty());
+        drop(s);
+        recv2.close().unwrap();
+    });
+}
