@@ -1,5 +1,6 @@
 //! The page and chunk decoder.
 
+use crate::Compression;
 use crate::baseline::Baseline;
 use crate::compress::Decompressors;
 use crate::frame::{FrameHeader, FrameKind, HEADER_LEN, verify};
@@ -421,12 +422,24 @@ impl Decoder {
     /// Decodes a chunk frame; returns the encoder's `seq` and the bytes,
     /// valid until the next call. Chunks use no state and can arrive in any
     /// order.
-    pub fn decode_chunk(&mut self, frame: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
+    pub fn decode_chunk<'a>(&'a mut self, frame: &'a [u8]) -> Result<(u64, &'a [u8]), DecodeError> {
         let h = self.check_frame(frame, FrameKind::Chunk)?;
         let n = h.raw_len as usize;
-        self.chunk.clear();
-        self.chunk.resize(n, 0);
         let payload = &frame[HEADER_LEN..HEADER_LEN + h.payload_len as usize];
+        if h.compression == Compression::Stored {
+            // Verified already: the bytes are the payload itself, no copy.
+            if payload.len() != n {
+                return Err(DecodeError::LengthMismatch {
+                    what: "stored payload length",
+                    declared: n as u64,
+                    actual: payload.len() as u64,
+                });
+            }
+            return Ok((h.seq, payload));
+        }
+        // Every decompressor fills all `n` bytes or fails, so what a
+        // previous chunk left in the buffer is never returned: no clearing.
+        self.chunk.resize(n, 0);
         self.decomp
             .decompress(h.compression, payload, &mut self.chunk)?;
         Ok((h.seq, &self.chunk))

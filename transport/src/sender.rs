@@ -454,6 +454,9 @@ impl Drop for Sender {
 
 /// BLAKE3 of a whole source, read in order.
 pub fn digest(source: &dyn Source) -> std::io::Result<[u8; 32]> {
+    if let Some(bytes) = source.as_slice() {
+        return Ok(*blake3::hash(bytes).as_bytes());
+    }
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let len = source.len();
@@ -967,6 +970,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                 Err(()) => return Ok(true),
             };
             let len = c.len as usize;
+            let mut held: Option<Arc<dyn Source>> = None;
             let bytes: &[u8] = match &c.data {
                 Some(d) => d,
                 None => {
@@ -976,13 +980,24 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                         // stream): nothing to send.
                         continue;
                     };
-                    src.read_at(c.offset, &mut data[..len]).map_err(|e| {
-                        TransportError::Region {
-                            region: c.region,
-                            text: format!("reading the source at {}: {e}", c.offset),
+                    let src = held.insert(src);
+                    // Memory sources are encoded where they lie.
+                    let direct = usize::try_from(c.offset).ok().and_then(|off| {
+                        src.as_slice()
+                            .and_then(|s| s.get(off..off.checked_add(len)?))
+                    });
+                    match direct {
+                        Some(s) => s,
+                        None => {
+                            src.read_at(c.offset, &mut data[..len]).map_err(|e| {
+                                TransportError::Region {
+                                    region: c.region,
+                                    text: format!("reading the source at {}: {e}", c.offset),
+                                }
+                            })?;
+                            &data[..len]
                         }
-                    })?;
-                    &data[..len]
+                    }
                 }
             };
             if let Policy::Auto { .. } = cfg.policy {

@@ -137,6 +137,12 @@ pub trait Source: Send + Sync + 'static {
     }
     /// Fills `buf` with the bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// All of its bytes, when they are in memory and cannot change: chunks
+    /// are then encoded from where they lie instead of being copied out
+    /// first.
+    fn as_slice(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Copies `buf.len()` bytes of `bytes` at `offset` into `buf`.
@@ -157,6 +163,9 @@ impl Source for Arc<[u8]> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         read_slice(self, offset, buf)
     }
+    fn as_slice(&self) -> Option<&[u8]> {
+        Some(self)
+    }
 }
 
 impl Source for Vec<u8> {
@@ -165,6 +174,9 @@ impl Source for Vec<u8> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         read_slice(self, offset, buf)
+    }
+    fn as_slice(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 
