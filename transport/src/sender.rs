@@ -1001,15 +1001,19 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                 }
             };
             if let Policy::Auto { .. } = cfg.policy {
-                let (bw, live) = {
-                    let st = lock(&shared.state);
-                    (st.bw.get(), st.sched.live().max(1))
-                };
+                let bw = lock(&shared.state).bw.get();
                 let link = bw
                     .or((cfg.rate_limit > 0).then_some(cfg.rate_limit as f64))
                     .unwrap_or(125e6);
+                // Each core encodes for its share of the link, whatever
+                // the number of streams it carries: N streams on W cores
+                // deliver (W/N) x min(link/W x ratio, speed), so the method
+                // that wins for link/W on one core wins for the session.
+                // (link/N, which this used to pass, made every encoder
+                // believe it had a whole core for a sliver of the link,
+                // and chose ZStd where the CPU could not keep up.)
                 enc.set_policy(Policy::Auto {
-                    link_bytes_per_sec: (link / live as f64).max(1.0),
+                    link_bytes_per_sec: (link / shared.workers.max(1) as f64).max(1.0),
                 })?;
             }
             let stats = enc.encode_chunk_into(bytes, c.id, &mut buf[fixed_end..])?;
