@@ -29,7 +29,8 @@ use dwcp_transport::{
 };
 use serde_json::{Value, json};
 
-use crate::netns::{ChildGuard, LinkPair, Side};
+use crate::netns::{LinkPair, Side};
+use crate::proc::ChildGuard;
 use crate::transfer::{parse_streams, policy, resolve};
 use crate::units::format_size;
 
@@ -254,10 +255,12 @@ impl Peer {
         })
     }
 
-    /// Waits for the peer to exit; its status must be success. Returns its
-    /// last stdout line (a JSON object) and its CPU seconds.
-    fn finish(self, deadline: Instant, what: &str) -> Result<(Value, f64)> {
-        let (status, cpu) = self.child.wait_with_cpu(deadline)?;
+    /// Waits for the peer to exit (killing it past `deadline`); its status
+    /// must be success. Returns its last stdout line, a JSON object. (Each
+    /// peer reports its own CPU over the session, leaving out its setup, so
+    /// the whole-life figure of `wait4` is not used.)
+    fn finish(self, deadline: Instant, what: &str) -> Result<Value> {
+        let (status, _) = self.child.wait_with_cpu(deadline)?;
         let stderr = self.stderr.join().unwrap_or_default();
         let last = self.lines.try_iter().last();
         if !status.success() {
@@ -266,7 +269,7 @@ impl Peer {
         let last = last.with_context(|| format!("the {what} printed no report"))?;
         let v: Value = serde_json::from_str(&last)
             .with_context(|| format!("the {what}'s report {last:?} is not JSON"))?;
-        Ok((v, cpu))
+        Ok(v)
     }
 }
 
@@ -340,7 +343,7 @@ fn dwcp_once(
     }
     // The sender is done; the receiver ends within moments.
     let got = recv.finish(Instant::now() + Duration::from_secs(10), "receiver");
-    let ((s, _), (r, _)) = (sent?, got?);
+    let (s, r) = (sent?, got?);
     // Each side counts its own CPU over the session, leaving out making
     // the data (sender) and putting its memory in place (receiver).
     let cpu = |v: &Value| {
@@ -390,7 +393,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     let keys = KeyDir::new()?;
     let pair = LinkPair::create(opts.rate_bps)?;
     let mut dwcp: Vec<Vec<DwcpRun>> = vec![Vec::new(); opts.modes.len()];
-    let mut iperf: Vec<crate::netns::Iperf3Result> = Vec::new();
+    let mut iperf: Vec<crate::netref::BulkResult> = Vec::new();
     let mut iperf3_missing = false;
     for rep in 0..opts.repeat {
         let mut first_secs = None;
@@ -447,14 +450,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
         });
     }
     if !iperf.is_empty() {
-        let mut good: Vec<f64> = iperf.iter().map(|r| r.gbps).collect();
+        let mut good: Vec<f64> = iperf.iter().map(|r| r.gbps()).collect();
         let all = good.clone();
         let mut secs: Vec<f64> = iperf.iter().map(|r| r.seconds).collect();
         let mut bytes: Vec<f64> = iperf.iter().map(|r| r.bytes as f64).collect();
         let g = median(&mut good);
         rows.push(Row {
             name: "iperf3",
-            streams: iperf[0].streams as u64,
+            streams: iperf[0].connections as u64,
             mode: "-".into(),
             goodput_gbps: g,
             wire_gbps: g,
@@ -774,9 +777,4 @@ fn engine(workers: Option<usize>) -> Result<Engine> {
         b = b.workers(w);
     }
     b.build().context("starting the engine")
-}
-
-/// Parses `--data`.
-pub fn parse_data(s: &str) -> Result<Data, String> {
-    Data::parse(s)
 }

@@ -5,6 +5,7 @@ mod bench_engine;
 mod bench_transport;
 mod netns;
 mod netref;
+mod proc;
 mod transfer;
 mod units;
 
@@ -71,7 +72,7 @@ struct SendPeerArgs {
     to: String,
     #[arg(long)]
     key: PathBuf,
-    #[arg(long, value_parser = bench_transport::parse_data)]
+    #[arg(long, value_parser = bench_transport::Data::parse)]
     data: bench_transport::Data,
     #[arg(long, value_parser = parse_size)]
     size: u64,
@@ -91,7 +92,7 @@ struct SendPeerArgs {
 struct TransportBenchArgs {
     /// What to send: random (incompressible), synthetic (the memory
     /// corpus), or a file.
-    #[arg(long, default_value = "random", value_parser = bench_transport::parse_data)]
+    #[arg(long, default_value = "random", value_parser = bench_transport::Data::parse)]
     data: bench_transport::Data,
     /// Bytes to send of random or synthetic data (512MiB, 1GiB).
     #[arg(long, value_parser = parse_size, default_value = "1GiB")]

@@ -53,20 +53,17 @@
 //! 1.6 Mbit/s over 5 s, 8 Mbit/s over 1 s: short runs read high). Without a
 //! rate the same pair carries ~9 Gbit/s.
 
-// callers: dwcp bench transport
-#![allow(dead_code)]
-
 use std::ffi::OsStr;
-use std::fmt::Write as _;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::Ipv4Addr;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+
+use crate::netref::{BulkResult, iperf3_via};
+use crate::proc::run_capture;
 
 /// Prefix of every namespace created here: `dwcp-<pid>-<n>-a` / `-b`.
 const NS_PREFIX: &str = "dwcp-";
@@ -95,19 +92,9 @@ pub const MAX_RATE_BITS_PER_SEC: u64 = 1_000_000_000_000;
 /// How long one `ip` or `tc` invocation may take before it is treated as hung.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Extra time, beyond the measured duration, that `iperf3` may take.
-const IPERF3_GRACE: Duration = Duration::from_secs(10);
-
 /// TCP port of the `iperf3` server inside namespace B. The namespace is
 /// ours and fresh, so the default port is free.
 const IPERF3_PORT: &str = "5201";
-
-/// Pause between two `iperf3` client attempts while the server is starting.
-const IPERF3_RETRY_PAUSE: Duration = Duration::from_millis(50);
-
-/// Longest pause between two polls in [`wait_with_cpu`], which is also how
-/// late it may notice that the child exited.
-const WAIT_POLL_MAX: Duration = Duration::from_millis(2);
 
 /// Pairs created by this process so far; numbers namespaces and addresses.
 static PAIRS_CREATED: AtomicU32 = AtomicU32::new(0);
@@ -119,20 +106,6 @@ pub enum Side {
     A,
     /// The `-b` namespace, address `10.x.y.2`; the `iperf3` server side.
     B,
-}
-
-/// What [`LinkPair::iperf3`] measured.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Iperf3Result {
-    /// Parallel TCP streams (`-P`).
-    pub streams: usize,
-    /// Payload throughput received, in gigabits (10^9 bits) per second
-    /// (`end.sum_received.bits_per_second`).
-    pub gbps: f64,
-    /// Payload bytes received over all streams (`end.sum_received.bytes`).
-    pub bytes: u64,
-    /// Seconds the receiver measured (`end.sum_received.seconds`).
-    pub seconds: f64,
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -255,83 +228,19 @@ impl LinkPair {
     }
 
     /// Runs `iperf3 -P streams -t secs` with the server in B and the client
-    /// in A, or returns `None` when `iperf3` is not installed.
-    ///
-    /// `duration` is rounded up to whole seconds (at least 1). The client is
-    /// retried while the server is not yet listening; everything is killed
-    /// when it runs more than 10 s past `duration`, and the server is always
-    /// killed and reaped before returning.
-    pub fn iperf3(&self, streams: usize, duration: Duration) -> Result<Option<Iperf3Result>> {
-        ensure!(streams > 0, "iperf3 needs at least one stream");
-        match Command::new("iperf3")
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-        {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).context("running `iperf3 --version`"),
-        }
-        let secs = (duration.as_secs() + u64::from(duration.subsec_nanos() > 0)).max(1);
-        let deadline = Instant::now() + Duration::from_secs(secs) + IPERF3_GRACE;
+    /// in A ([`crate::netref::iperf3_via`]), or returns `None` when `iperf3`
+    /// is not installed.
+    pub fn iperf3(&self, streams: usize, duration: Duration) -> Result<Option<BulkResult>> {
         let server_addr = self.addr(Side::B).to_string();
-        let server = self
-            .command(Side::B, "iperf3")
-            .args(["-s", "-1", "-B", &server_addr, "-p", IPERF3_PORT])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting the iperf3 server in {}", self.ns[1]))?;
-        let mut server = ChildGuard::new(server);
-        loop {
-            thread::sleep(IPERF3_RETRY_PAUSE);
-            if let Some(status) = server
-                .child_mut()
-                .try_wait()
-                .context("polling the iperf3 server")?
-            {
-                bail!("iperf3 server in {} exited early ({status})", self.ns[1]);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            ensure!(
-                !left.is_zero(),
-                "iperf3 in {} did not finish within {secs} s + {IPERF3_GRACE:?}",
-                self.ns[0]
-            );
-            let out = run_capture(
-                self.command(Side::A, "iperf3").args([
-                    "-c",
-                    &server_addr,
-                    "-p",
-                    IPERF3_PORT,
-                    "-P",
-                    &streams.to_string(),
-                    "-t",
-                    &secs.to_string(),
-                    "-J",
-                ]),
-                left,
-            )
-            .with_context(|| format!("running the iperf3 client in {}", self.ns[0]))?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            match parse_iperf3(&stdout, streams) {
-                Ok(result) => return Ok(Some(result)),
-                Err(e) if format!("{e:#}{stderr}").contains("unable to connect") => continue,
-                Err(e) => {
-                    let stderr = stderr.trim();
-                    let mut what =
-                        format!("iperf3 client in {} exited with {}", self.ns[0], out.status);
-                    if !stderr.is_empty() {
-                        let _ = write!(what, ": {stderr}");
-                    }
-                    return Err(e.context(what));
-                }
-            }
-        }
+        iperf3_via(
+            &|| self.command(Side::B, "iperf3"),
+            &|| self.command(Side::A, "iperf3"),
+            &server_addr,
+            IPERF3_PORT,
+            streams,
+            duration,
+        )
+        .with_context(|| format!("iperf3 from {} to {}", self.ns[0], self.ns[1]))
     }
 }
 
@@ -471,214 +380,6 @@ fn run_tool(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cmd` to completion with stdin closed and output captured, killing
-/// it when it takes longer than `timeout`. A spawn failure is returned as
-/// the bare `io::Error` (so callers can tell `NotFound`).
-fn run_capture(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut child = ChildGuard::new(child);
-    let mut out = child
-        .child_mut()
-        .stdout
-        .take()
-        .context("child stdout not piped")?;
-    let mut err = child
-        .child_mut()
-        .stderr
-        .take()
-        .context("child stderr not piped")?;
-    thread::scope(|s| {
-        let out = s.spawn(move || {
-            let mut buf = Vec::new();
-            out.read_to_end(&mut buf).map(|_| buf)
-        });
-        let err = s.spawn(move || {
-            let mut buf = Vec::new();
-            err.read_to_end(&mut buf).map(|_| buf)
-        });
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(1);
-        let status = loop {
-            if let Some(status) = child.child_mut().try_wait().context("waiting for child")? {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
-        };
-        // Killing closes the pipes, so the readers finish either way.
-        drop(child);
-        let stdout = out.join().map_err(|_| anyhow!("stdout reader panicked"))?;
-        let stderr = err.join().map_err(|_| anyhow!("stderr reader panicked"))?;
-        let Some(status) = status else {
-            bail!("{cmd:?} did not finish within {timeout:?}; killed it");
-        };
-        Ok(Output {
-            status,
-            stdout: stdout.context("reading child stdout")?,
-            stderr: stderr.context("reading child stderr")?,
-        })
-    })
-}
-
-/// Parses the JSON report of `iperf3 -c ... -J`. A report with an `error`
-/// field is an error.
-fn parse_iperf3(json: &str, streams: usize) -> Result<Iperf3Result> {
-    let report: serde_json::Value =
-        serde_json::from_str(json).context("iperf3 printed no valid JSON")?;
-    if let Some(error) = report.get("error") {
-        let error = error
-            .as_str()
-            .map_or_else(|| error.to_string(), str::to_owned);
-        bail!("iperf3 client failed: {error}");
-    }
-    let sum = report
-        .get("end")
-        .and_then(|end| end.get("sum_received"))
-        .context("iperf3 report has no end.sum_received")?;
-    let number = |key: &str| {
-        sum.get(key)
-            .and_then(serde_json::Value::as_f64)
-            .with_context(|| format!("iperf3 report has no numeric end.sum_received.{key}"))
-    };
-    let bytes = sum
-        .get("bytes")
-        .and_then(|b| b.as_u64().or_else(|| b.as_f64().map(|b| b as u64)))
-        .context("iperf3 report has no numeric end.sum_received.bytes")?;
-    Ok(Iperf3Result {
-        streams,
-        gbps: number("bits_per_second")? / 1e9,
-        bytes,
-        seconds: number("seconds")?,
-    })
-}
-
-/// A child process that is killed and reaped when dropped, unless it was
-/// waited for with [`ChildGuard::wait_with_cpu`] first.
-#[derive(Debug)]
-pub struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    /// Guards `child`.
-    pub fn new(child: Child) -> Self {
-        ChildGuard(Some(child))
-    }
-
-    /// The guarded child, to take its pipes or poll it.
-    pub fn child_mut(&mut self) -> &mut Child {
-        self.0
-            .as_mut()
-            .expect("the child is only taken by wait_with_cpu and drop, which consume the guard")
-    }
-
-    /// [`wait_with_cpu`] on the guarded child. Consumes the guard, since
-    /// the child is reaped afterwards and must not be killed again.
-    pub fn wait_with_cpu(mut self, deadline: Instant) -> Result<(ExitStatus, f64)> {
-        let mut child = self
-            .0
-            .take()
-            .expect("the child is only taken by wait_with_cpu and drop, which consume the guard");
-        wait_with_cpu(&mut child, deadline)
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // Both fail only when the child is already gone, which is fine.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Waits for `child` until `deadline`, killing it (SIGKILL) past the
-/// deadline, and returns its exit status and the CPU seconds (user + system)
-/// it and its waited-for children used, from `wait4`'s rusage.
-///
-/// A child killed at the deadline is still `Ok`, with a status that says
-/// SIGKILL. Exit is noticed by polling, at most [`WAIT_POLL_MAX`] late.
-///
-/// The child is reaped here, behind `std`'s back: do not call `wait`,
-/// `try_wait` or `kill` on it afterwards (the first two fail with ECHILD;
-/// `kill` could hit a recycled pid). [`ChildGuard::wait_with_cpu`] makes
-/// that impossible.
-pub fn wait_with_cpu(child: &mut Child, deadline: Instant) -> Result<(ExitStatus, f64)> {
-    let pid = sys::pid_t::try_from(child.id())
-        .with_context(|| format!("child pid {} does not fit pid_t", child.id()))?;
-    let mut pause = Duration::from_micros(100);
-    loop {
-        if let Some(done) =
-            sys::wait4(pid, true).with_context(|| format!("waiting for child {pid}"))?
-        {
-            return Ok(done);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        thread::sleep(pause.min(left));
-        pause = (pause * 2).min(WAIT_POLL_MAX);
-    }
-    // Not reaped yet, so the pid is still this child's (maybe a zombie).
-    child
-        .kill()
-        .with_context(|| format!("killing child {pid} past its deadline"))?;
-    sys::wait4(pid, false)
-        .with_context(|| format!("waiting for killed child {pid}"))?
-        .with_context(|| format!("wait4 on killed child {pid} returned no status"))
-}
-
-/// `wait4(2)` with its resource usage.
-mod sys {
-    use std::io;
-    use std::process::ExitStatus;
-
-    use super::ExitStatusExt;
-
-    pub use libc::pid_t;
-
-    /// `wait4(pid, .., WNOHANG if nohang, ..)`, retried on EINTR: `None` when
-    /// the child has not exited (only with `nohang`), else its status and
-    /// user + system CPU seconds.
-    pub fn wait4(pid: pid_t, nohang: bool) -> io::Result<Option<(ExitStatus, f64)>> {
-        loop {
-            let mut status: libc::c_int = 0;
-            // SAFETY: all-zero is a valid `struct rusage`.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: `status` and `usage` are live and writable; wait4 writes
-            // only through them and keeps neither pointer.
-            let r = unsafe {
-                libc::wait4(
-                    pid,
-                    &raw mut status,
-                    if nohang { libc::WNOHANG } else { 0 },
-                    &raw mut usage,
-                )
-            };
-            if r == 0 {
-                return Ok(None);
-            }
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let seconds = |t: &libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-            let cpu = seconds(&usage.ru_utime) + seconds(&usage.ru_stime);
-            return Ok(Some((ExitStatus::from_raw(status), cpu)));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,9 +433,9 @@ mod tests {
         let gbps = match pair.iperf3(1, Duration::from_secs(1)).unwrap() {
             Some(r) => {
                 println!("rate {rate} bit/s: iperf3 -P 1: {r:?}");
-                assert_eq!(r.streams, 1);
-                assert!(r.gbps > 0.0 && r.bytes > 0 && r.seconds > 0.0, "{r:?}");
-                Some(r.gbps)
+                assert_eq!(r.connections, 1);
+                assert!(r.gbps() > 0.0 && r.bytes > 0 && r.seconds > 0.0, "{r:?}");
+                Some(r.gbps())
             }
             None => {
                 println!("skipping the iperf3 check: iperf3 not installed");
@@ -867,7 +568,7 @@ mod tests {
             println!(
                 "{} Mbit/s tbf, -P {streams}: {:.1} Mbit/s ({} bytes in {:.3} s)",
                 rate / 1_000_000,
-                r.gbps * 1e3,
+                r.gbps() * 1e3,
                 r.bytes,
                 r.seconds
             );
@@ -895,54 +596,5 @@ mod tests {
         assert_eq!(stale_pid("dwcp-123-4-c"), None);
         assert_eq!(stale_pid("dwcp-x-4-a"), None);
         assert_eq!(stale_pid("other-123-4-a"), None);
-    }
-
-    #[test]
-    fn parses_iperf3_report() {
-        let ok = r#"{"end":{"sum_sent":{"bytes":2000,"seconds":1.0,"bits_per_second":16000},
-                     "sum_received":{"bytes":1000,"seconds":2.0,"bits_per_second":4000}}}"#;
-        let r = parse_iperf3(ok, 3).unwrap();
-        assert_eq!(
-            (r.streams, r.bytes, r.seconds, r.gbps),
-            (3, 1000, 2.0, 4e-6)
-        );
-        let failed = r#"{"end":{},"error":"unable to connect to server: Connection refused"}"#;
-        let e = parse_iperf3(failed, 1).unwrap_err().to_string();
-        assert!(e.contains("unable to connect"), "{e}");
-        assert!(parse_iperf3(r#"{"end":{}}"#, 1).is_err());
-    }
-
-    #[test]
-    fn wait_with_cpu_counts_cpu() {
-        // ~0.1 s of shell arithmetic, well inside the deadline.
-        let child = Command::new("sh")
-            .args([
-                "-c",
-                "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; exit 3",
-            ])
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        let (status, cpu) = ChildGuard::new(child)
-            .wait_with_cpu(start + Duration::from_secs(20))
-            .unwrap();
-        println!("busy sh: {status}, {cpu:.3} s CPU in {:?}", start.elapsed());
-        assert_eq!(status.code(), Some(3));
-        assert!(
-            cpu > 0.0 && cpu <= start.elapsed().as_secs_f64() + 0.01,
-            "{cpu}"
-        );
-    }
-
-    #[test]
-    fn wait_with_cpu_kills_past_deadline() {
-        let child = Command::new("sleep").arg("10").spawn().unwrap();
-        let start = Instant::now();
-        let (status, cpu) = ChildGuard::new(child)
-            .wait_with_cpu(start + Duration::from_millis(200))
-            .unwrap();
-        assert!(start.elapsed() < Duration::from_secs(5));
-        assert_eq!(status.signal(), Some(9), "{status}");
-        assert!(cpu < 0.2, "{cpu}");
     }
 }

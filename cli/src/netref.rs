@@ -12,7 +12,9 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::proc::{ChildGuard, run_capture};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -340,70 +342,6 @@ pub fn std_echo(connections: usize, duration: Duration, msg_size: usize) -> Resu
     })
 }
 
-/// A child process that is killed and reaped when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // Both fail only when the child is already gone, which is fine.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// What a finished child printed.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion with captured output, killing it when it takes
-/// longer than `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finished> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let mut child = ChildGuard(child);
-    let mut out = child.0.stdout.take().context("child stdout not piped")?;
-    let mut err = child.0.stderr.take().context("child stderr not piped")?;
-    thread::scope(|s| {
-        let out = s.spawn(move || {
-            let mut text = String::new();
-            out.read_to_string(&mut text).map(|_| text)
-        });
-        let err = s.spawn(move || {
-            let mut text = String::new();
-            err.read_to_string(&mut text).map(|_| text)
-        });
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.0.try_wait().context("waiting for child")? {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        // Killing closes the pipes, so the readers finish either way.
-        drop(child);
-        let stdout = out.join().map_err(|_| anyhow!("stdout reader panicked"))?;
-        let stderr = err.join().map_err(|_| anyhow!("stderr reader panicked"))?;
-        let Some(status) = status else {
-            bail!("{cmd:?} did not finish within {timeout:?}; killed it");
-        };
-        Ok(Finished {
-            status,
-            stdout: stdout.context("reading child stdout")?,
-            stderr: stderr.context("reading child stderr")?,
-        })
-    })
-}
-
 /// A loopback TCP port that was free a moment ago.
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
@@ -451,16 +389,34 @@ fn parse_iperf3(json: &str, connections: usize) -> Result<BulkResult> {
 }
 
 /// Bulk throughput as measured by `iperf3` on loopback, or `None` when
-/// `iperf3` is not installed.
-///
-/// Starts a one-off server (`iperf3 -s -1 -B 127.0.0.1 -p PORT`) on a free
-/// port, then runs `iperf3 -c 127.0.0.1 -p PORT -P connections -t SECS -J`
-/// with `duration` rounded up to whole seconds (at least 1), default
-/// options otherwise. The client is retried while the server is not yet
-/// listening and killed when it runs more than 10 s past `duration`; the
-/// server is always killed and reaped before returning. Bytes and seconds
-/// come from the client's `end.sum_received` (or `end.sum_sent`).
+/// `iperf3` is not installed: [`iperf3_via`] with both ends here, the
+/// server on 127.0.0.1 and a free port.
 pub fn iperf3(connections: usize, duration: Duration) -> Result<Option<BulkResult>> {
+    let port = free_port()?.to_string();
+    let here = || Command::new("iperf3");
+    iperf3_via(&here, &here, "127.0.0.1", &port, connections, duration)
+}
+
+/// Bulk throughput as measured by `iperf3`, or `None` when `iperf3` is not
+/// installed. `server()` and `client()` make the `iperf3` commands (the
+/// same program, perhaps run inside a network namespace); the server binds
+/// `host:port`.
+///
+/// Starts a one-off server (`iperf3 -s -1 -B HOST -p PORT`), then runs
+/// `iperf3 -c HOST -p PORT -P connections -t SECS -J` with `duration`
+/// rounded up to whole seconds (at least 1), default options otherwise.
+/// The client is retried while the server is not yet listening and killed
+/// when it runs more than 10 s past `duration`; the server is always killed
+/// and reaped before returning. Bytes and seconds come from the client's
+/// `end.sum_received` (or `end.sum_sent`).
+pub fn iperf3_via(
+    server: &dyn Fn() -> Command,
+    client: &dyn Fn() -> Command,
+    host: &str,
+    port: &str,
+    connections: usize,
+    duration: Duration,
+) -> Result<Option<BulkResult>> {
     ensure!(connections > 0, "iperf3 needs at least one connection");
     match Command::new("iperf3")
         .arg("--version")
@@ -474,29 +430,32 @@ pub fn iperf3(connections: usize, duration: Duration) -> Result<Option<BulkResul
         Err(e) => return Err(e).context("running `iperf3 --version`"),
     }
     let secs = (duration.as_secs() + u64::from(duration.subsec_nanos() > 0)).max(1);
-    let port = free_port()?.to_string();
-    let server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
+    let child = server()
+        .args(["-s", "-1", "-B", host, "-p", port])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting the iperf3 server")?;
-    let mut server = ChildGuard(server);
+    let mut child = ChildGuard::new(child);
     let client_timeout = Duration::from_secs(secs) + GRACE;
     let mut attempt = 0;
     loop {
         attempt += 1;
         thread::sleep(IPERF3_RETRY_PAUSE);
-        if let Some(status) = server.0.try_wait().context("polling the iperf3 server")? {
-            bail!("iperf3 server on 127.0.0.1:{port} exited early ({status})");
+        if let Some(status) = child
+            .child_mut()
+            .try_wait()
+            .context("polling the iperf3 server")?
+        {
+            bail!("iperf3 server on {host}:{port} exited early ({status})");
         }
-        let run = run_bounded(
-            Command::new("iperf3").args([
+        let run = run_capture(
+            client().args([
                 "-c",
-                "127.0.0.1",
+                host,
                 "-p",
-                &port,
+                port,
                 "-P",
                 &connections.to_string(),
                 "-t",
@@ -504,17 +463,20 @@ pub fn iperf3(connections: usize, duration: Duration) -> Result<Option<BulkResul
                 "-J",
             ]),
             client_timeout,
-        )?;
-        match parse_iperf3(&run.stdout, connections) {
+        )
+        .context("running the iperf3 client")?;
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        match parse_iperf3(&stdout, connections) {
             Ok(result) => return Ok(Some(result)),
             Err(e)
                 if attempt < IPERF3_CONNECT_ATTEMPTS
-                    && format!("{e:#}{}", run.stderr).contains("unable to connect") =>
+                    && format!("{e:#}{stderr}").contains("unable to connect") =>
             {
                 continue;
             }
             Err(e) => {
-                let stderr = run.stderr.trim();
+                let stderr = stderr.trim();
                 if stderr.is_empty() {
                     return Err(e.context(format!("iperf3 client exited with {}", run.status)));
                 }
@@ -553,6 +515,7 @@ mod tests {
         let failed = r#"{"end":{},"error":"unable to connect to server: Connection refused"}"#;
         let e = parse_iperf3(failed, 1).unwrap_err().to_string();
         assert!(e.contains("iperf3 client failed: unable to connect"), "{e}");
+        assert!(parse_iperf3(r#"{"end":{}}"#, 1).is_err());
     }
 
     #[test]

@@ -171,6 +171,9 @@ mod tests {
         assert_eq!(parse_rate("100gbit").unwrap(), 100_000_000_000);
         assert_eq!(parse_rate("0").unwrap(), 0);
         assert_eq!(parse_rate("2.5Gbit").unwrap(), 2_500_000_000);
+        // tc's byte units are bytes per second.
+        assert_eq!(parse_rate("125mbps").unwrap(), 1_000_000_000);
+        assert_eq!(parse_rate("1000bps").unwrap(), 8000);
         assert!(parse_rate("1gb").is_err());
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("5").is_err());
