@@ -171,6 +171,32 @@ impl MsgReader {
         }
     }
 
+    /// The body of the next message, which must be `want` (named
+    /// `want_name` in the error), within `limit`. A `REFUSE` becomes the
+    /// peer's reason; an end of stream becomes `TransportError::Auth` with
+    /// `closed`.
+    pub(crate) async fn expect(
+        &mut self,
+        limit: Option<Duration>,
+        want: Kind,
+        want_name: &'static str,
+        closed: &str,
+    ) -> Result<&[u8], TransportError> {
+        let peer = self.peer.clone();
+        match self.recv(limit).await? {
+            Some((k, body)) if k == want => Ok(body),
+            Some((Kind::Refuse, body)) => Err(crate::error::refused(body, &peer)),
+            Some((found, _)) => Err(crate::error::wire_err(
+                &peer,
+                WireError::Unexpected {
+                    expected: want_name,
+                    found,
+                },
+            )),
+            None => Err(TransportError::Auth(closed.to_string())),
+        }
+    }
+
     /// A protocol error of this peer.
     pub(crate) fn wire(&self, e: WireError) -> TransportError {
         crate::error::wire_err(&self.peer, e)

@@ -57,25 +57,23 @@ impl MemorySink {
     /// A sink holding at most `limit` bytes of regions at once (open ones
     /// and finished ones not yet taken).
     pub fn new(limit: u64) -> Self {
-        MemorySink {
-            inner: Arc::new(Inner {
-                limit,
-                keep: true,
-                state: Mutex::new(SinkState::default()),
-                cond: Condvar::new(),
-                pool: Mutex::new(Vec::new()),
-            }),
-        }
+        Self::with(limit, true)
     }
 
     /// A sink that verifies each region and then frees it, reporting only
     /// its id, metadata and length (for measuring).
     pub fn discarding(limit: u64) -> Self {
-        let s = MemorySink::new(limit);
+        Self::with(limit, false)
+    }
+
+    fn with(limit: u64, keep: bool) -> Self {
         MemorySink {
             inner: Arc::new(Inner {
-                keep: false,
-                ..Arc::into_inner(s.inner).expect("just made")
+                limit,
+                keep,
+                state: Mutex::new(SinkState::default()),
+                cond: Condvar::new(),
+                pool: Mutex::new(Vec::new()),
             }),
         }
     }

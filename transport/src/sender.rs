@@ -521,24 +521,11 @@ async fn handshake_conn(
     };
     w.send(Kind::Hello, &hello.encode()).await?;
     let limit = Some(cfg.connect_timeout);
-    let ch = match r.recv(limit).await? {
-        Some((Kind::Challenge, body)) => Challenge::decode(body).map_err(|e| wire_err(&peer, e))?,
-        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
-        Some((k, _)) => {
-            return Err(wire_err(
-                &peer,
-                WireError::Unexpected {
-                    expected: "CHALLENGE",
-                    found: k,
-                },
-            ));
-        }
-        None => {
-            return Err(TransportError::Auth(format!(
-                "{peer} closed the connection during the handshake"
-            )));
-        }
-    };
+    let closed = format!("{peer} closed the connection during the handshake");
+    let body = r
+        .expect(limit, Kind::Challenge, "CHALLENGE", &closed)
+        .await?;
+    let ch = Challenge::decode(body).map_err(|e| wire_err(&peer, e))?;
     if !(wire::VERSION_MIN..=wire::VERSION_MAX).contains(&ch.version) {
         return Err(TransportError::Auth(format!(
             "the receiver chose protocol version {}, which this sender does not speak",
@@ -577,24 +564,15 @@ async fn handshake_conn(
     let ck = auth::conn_key(&session_key, u16::MAX, &nonce, &ch.nonce);
     r.set_tagger(Tagger::new(ck, Direction::ToServer));
     w.set_tagger(Tagger::new(ck, Direction::ToServer));
-    let welcome = match r.recv(limit).await? {
-        Some((Kind::Welcome, body)) => Welcome::decode(body).map_err(|e| wire_err(&peer, e))?,
-        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
-        Some((k, _)) => {
-            return Err(wire_err(
-                &peer,
-                WireError::Unexpected {
-                    expected: "WELCOME",
-                    found: k,
-                },
-            ));
-        }
-        None => {
-            return Err(TransportError::Auth(
-                "the receiver refused the key (it closed the connection)".into(),
-            ));
-        }
-    };
+    let body = r
+        .expect(
+            limit,
+            Kind::Welcome,
+            "WELCOME",
+            "the receiver refused the key (it closed the connection)",
+        )
+        .await?;
+    let welcome = Welcome::decode(body).map_err(|e| wire_err(&peer, e))?;
     Ok((r, w, (ch.session, session_key, welcome)))
 }
 
@@ -651,13 +629,16 @@ async fn control_tasks(
         let result = read_control(&shared, &mut r).await;
         ticking.set(false);
         drop(ticker);
-        if result.is_ok() {
-            // BYE: the writer ends when the mailbox is closed.
-            if let Ok(h) = writer {
-                let _ = h.await;
+        let e = match result {
+            Ok(()) => {
+                // BYE: the writer ends when the mailbox is closed.
+                if let Ok(h) = writer {
+                    let _ = h.await;
+                }
+                return;
             }
-            return;
-        }
+            Err(e) => e.to_string(),
+        };
         // The connection failed: stop its writer before anything is
         // queued again (what it held is repeated from `pending`).
         let _ = sock.shutdown(std::net::Shutdown::Both).await;
@@ -665,7 +646,6 @@ async fn control_tasks(
         if let Ok(h) = writer {
             let _ = h.await;
         }
-        let e = result.err().map(|e| e.to_string()).unwrap_or_default();
         let resumable = {
             let st = lock(&shared.state);
             !(st.closing || st.bye || st.failed.is_some())
@@ -901,24 +881,11 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
         .encode(),
     )
     .await?;
-    let ok = match r.recv(Some(cfg.connect_timeout)).await? {
-        Some((Kind::JoinOk, body)) => JoinOk::decode(body).map_err(|e| wire_err(&peer, e))?,
-        Some((Kind::Refuse, body)) => return Err(refused(body, &peer)),
-        Some((k, _)) => {
-            return Err(wire_err(
-                &peer,
-                WireError::Unexpected {
-                    expected: "JOIN_OK",
-                    found: k,
-                },
-            ));
-        }
-        None => {
-            return Err(TransportError::Auth(format!(
-                "{peer} closed a joining stream"
-            )));
-        }
-    };
+    let closed = format!("{peer} closed a joining stream");
+    let body = r
+        .expect(Some(cfg.connect_timeout), Kind::JoinOk, "JOIN_OK", &closed)
+        .await?;
+    let ok = JoinOk::decode(body).map_err(|e| wire_err(&peer, e))?;
     let want = auth::join_proof(
         &key,
         b"join-ok",

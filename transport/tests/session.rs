@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,56 +11,16 @@ use std::time::{Duration, Instant};
 use dwcp_codec::Policy;
 use dwcp_engine::Engine;
 use dwcp_transport::{
-    Key, Receiver, ReceiverConfig, RegionInfo, RegionWriter, Sender, SenderConfig, Sink, Source,
-    StreamCount, TransportError,
+    Key, MemorySink, Receiver, ReceiverConfig, Sender, SenderConfig, Source, StreamCount,
+    TransportError,
 };
 
-/// Regions received, by id, with their metadata and bytes.
-#[derive(Default)]
-struct MemSink {
-    done: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
-    aborted: AtomicUsize,
-}
-
-struct MemRegion {
-    sink: Arc<MemSink>,
-    meta: Vec<u8>,
-    bytes: Mutex<Vec<u8>>,
-}
-
-struct SinkRef(Arc<MemSink>);
-
-impl Sink for SinkRef {
-    fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String> {
-        if info.len > 1 << 30 {
-            return Err("too large for a test".into());
-        }
-        Ok(Arc::new(MemRegion {
-            sink: self.0.clone(),
-            meta: info.meta.clone(),
-            bytes: Mutex::new(vec![0; info.len as usize]),
-        }))
-    }
-}
-
-impl RegionWriter for MemRegion {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        let mut b = self.bytes.lock().unwrap();
-        let o = offset as usize;
-        b[o..o + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
-        let b = self.bytes.lock().unwrap().clone();
-        if blake3::hash(&b).as_bytes() != digest {
-            return Err("digest mismatch".into());
-        }
-        self.sink.done.lock().unwrap().push((self.meta.clone(), b));
-        Ok(())
-    }
-    fn abort(&self) {
-        self.sink.aborted.fetch_add(1, Ordering::Relaxed);
-    }
+/// Every region `sink` finished (verified) so far, in order, with its
+/// metadata and bytes; taken out of the sink.
+fn received(sink: &MemorySink) -> Vec<(Vec<u8>, Vec<u8>)> {
+    std::iter::from_fn(|| sink.take(Duration::ZERO))
+        .map(|r| (r.meta, r.bytes.unwrap_or_default()))
+        .collect()
 }
 
 fn engine() -> Engine {
@@ -87,20 +47,15 @@ fn data(len: usize, seed: u64) -> Arc<[u8]> {
         .collect()
 }
 
-fn receiver(engine: &Engine, key: Option<Key>) -> (Receiver, Arc<MemSink>) {
-    let sink = Arc::new(MemSink::default());
+fn receiver(engine: &Engine, key: Option<Key>) -> (Receiver, MemorySink) {
+    let sink = MemorySink::new(1 << 30);
     let cfg = ReceiverConfig {
         key,
         grace: Duration::from_secs(5),
         ..ReceiverConfig::default()
     };
-    let r = Receiver::bind(
-        engine,
-        "127.0.0.1:0".parse().unwrap(),
-        cfg,
-        Arc::new(SinkRef(sink.clone())),
-    )
-    .expect("bind");
+    let r =
+        Receiver::bind(engine, "127.0.0.1:0".parse().unwrap(), cfg, sink.handle()).expect("bind");
     (r, sink)
 }
 
@@ -149,12 +104,11 @@ fn regions_arrive_whole_over_many_streams() {
         assert_eq!(m.bytes_acked, Source::len(&a) + Source::len(&b));
         assert!(m.wire_bytes < m.bytes_acked, "text halves compress: {m:?}");
         assert!(m.stream_connects >= 4, "{m:?}");
-        let done = sink.done.lock().unwrap();
+        let done = received(&sink);
         assert_eq!(done.len(), 3);
         assert_eq!((&done[0].0[..], &done[0].1[..]), (&b"a"[..], &a[..]));
         assert_eq!((&done[1].0[..], &done[1].1[..]), (&b"b"[..], &b[..]));
         assert!(done[2].1.is_empty());
-        drop(done);
         recv.close().unwrap();
     });
 }
@@ -177,7 +131,7 @@ fn wrong_or_missing_key_is_refused_with_a_reason() {
             .err()
             .expect("no key must fail");
         assert!(e.to_string().contains("requires a key"), "{e}");
-        assert!(sink.done.lock().unwrap().is_empty());
+        assert!(received(&sink).is_empty());
         // And the other way round: an insecure receiver refuses a keyed sender.
         let (open, _) = receiver(&rx_engine, None);
         let e = Sender::connect(
@@ -291,10 +245,9 @@ fn a_stream_cut_mid_transfer_is_survived_and_retransmission_is_bounded() {
         assert!(m.stream_connects >= 5, "the stream was re-opened: {m:?}");
         // At most that stream's window went out again (4 MiB default).
         assert!(m.retransmitted_bytes <= 2 * (4 << 20), "{m:?}");
-        let done = sink.done.lock().unwrap();
+        let done = received(&sink);
         assert_eq!(done.len(), 1);
         assert!(done[0].1[..] == a[..], "placed bytes differ");
-        drop(done);
         recv.close().unwrap();
     });
 }
@@ -349,7 +302,7 @@ fn garbage_truncated_and_oversized_input_is_refused_and_the_receiver_goes_on() {
         s.send_region(b"ok".to_vec(), Arc::new(a.clone())).unwrap();
         s.close().unwrap();
         flood.join().unwrap();
-        assert_eq!(sink.done.lock().unwrap()[0].1[..], a[..]);
+        assert_eq!(received(&sink)[0].1[..], a[..]);
         recv.close().unwrap();
     });
 }
@@ -410,7 +363,7 @@ fn a_recorded_session_replayed_later_fails() {
         // refuses, and no region is opened by the replay.
         let text = String::from_utf8_lossy(&back);
         assert!(text.contains("wrong key"), "{text:?}");
-        assert_eq!(sink.done.lock().unwrap().len(), 1);
+        assert_eq!(received(&sink).len(), 1);
         recv.close().unwrap();
     });
 }
@@ -442,7 +395,7 @@ fn a_source_error_fails_the_region_with_a_clear_error() {
         let e = s.wait_region(id).unwrap_err();
         assert!(e.to_string().contains("disk on fire"), "{e}");
         s.cancel();
-        assert!(sink.done.lock().unwrap().is_empty());
+        assert!(received(&sink).is_empty());
     });
 }
 
@@ -540,10 +493,9 @@ fn a_full_disconnect_resumes_without_resending_what_was_acknowledged() {
         // Only what was in flight goes again: at most every stream's window.
         assert!(m.retransmitted_bytes <= 4 * window, "{m:?}");
         assert!(recv.metrics().resumes >= 1);
-        let done = sink.done.lock().unwrap();
+        let done = received(&sink);
         assert_eq!(done.len(), 2, "each region finished once");
         assert!(done[0].1[..] == a[..] && done[1].1[..] == b[..]);
-        drop(done);
         recv.close().unwrap();
     });
 }
@@ -570,18 +522,14 @@ fn a_restarted_receiver_fails_the_session_with_a_reason_and_holds_nothing() {
             key: Some(key),
             ..ReceiverConfig::default()
         };
-        let sink2 = Arc::new(MemSink::default());
-        let recv2 = Receiver::bind(&rx2, addr, cfg, Arc::new(SinkRef(sink2.clone()))).unwrap();
+        let sink2 = MemorySink::new(1 << 30);
+        let recv2 = Receiver::bind(&rx2, addr, cfg, sink2.handle()).unwrap();
         let e = s.wait_region(id).unwrap_err();
         let text = e.to_string();
         assert!(text.contains("session"), "{text}");
-        assert!(sink.done.lock().unwrap().is_empty());
-        assert_eq!(
-            sink.aborted.load(Ordering::Relaxed),
-            1,
-            "the region was discarded"
-        );
-        assert!(sink2.done.lock().unwrap().is_empty());
+        assert!(received(&sink).is_empty());
+        assert_eq!(sink.failed(), 1, "the region was discarded");
+        assert!(received(&sink2).is_empty());
         drop(s);
         recv2.close().unwrap();
     });
