@@ -44,6 +44,7 @@ use dwcp_codec::{
     is_zero,
 };
 
+pub mod replay;
 pub mod seeds;
 
 /// Mode byte: the rest of the input is fed to the decoder as is.

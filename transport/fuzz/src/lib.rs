@@ -53,59 +53,7 @@ pub const TARGETS: [(&str, FuzzFn); 3] = [
 // Input reader
 // ---------------------------------------------------------------------------
 
-/// Reads a fuzz input front to back; past its end every read is zero.
-#[derive(Debug, Clone)]
-pub struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Input<'a> {
-    /// A reader of `data`.
-    pub fn new(data: &'a [u8]) -> Self {
-        Input { data, pos: 0 }
-    }
-
-    /// The next byte, or 0.
-    pub fn u8(&mut self) -> u8 {
-        let b = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        b
-    }
-
-    /// The next two bytes (LE), or 0.
-    pub fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    /// The next four bytes (LE), or 0.
-    pub fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-
-    /// The next eight bytes (LE), or 0.
-    pub fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
-
-    /// Up to `n` next bytes (fewer at the end).
-    pub fn take(&mut self, n: usize) -> &'a [u8] {
-        let start = self.pos.min(self.data.len());
-        let end = start.saturating_add(n).min(self.data.len());
-        self.pos = end;
-        &self.data[start..end]
-    }
-
-    /// The bytes not read yet.
-    pub fn rest(&mut self) -> &'a [u8] {
-        self.take(usize::MAX)
-    }
-
-    /// Whether every byte has been read.
-    pub fn is_empty(&self) -> bool {
-        self.pos >= self.data.len()
-    }
-}
+pub use dwcp_codec_fuzz::Input;
 
 // ---------------------------------------------------------------------------
 // wire_messages
