@@ -389,6 +389,23 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
         _ => opts.size,
     };
     ensure!(size > 0, "nothing to send: the data is empty");
+    // The receiver holds the whole region in memory, and the sender does
+    // too unless it reads a file; both run on this machine.
+    let held = if matches!(opts.data, Data::File(_)) {
+        1
+    } else {
+        2
+    };
+    if let Some(avail) = mem_available() {
+        ensure!(
+            size.saturating_mul(held) < avail,
+            "{} of data needs {} of memory here (sender and receiver both hold it), \
+             but only {} is available; use a smaller --size",
+            format_size(size),
+            format_size(size.saturating_mul(held)),
+            format_size(avail)
+        );
+    }
     let exe = std::env::current_exe().context("finding this program's path")?;
     let keys = KeyDir::new()?;
     let pair = LinkPair::create(opts.rate_bps)?;
@@ -757,6 +774,20 @@ pub fn send_peer(o: &SendPeer) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, when it can be read.
+fn mem_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// User + system CPU seconds this process has used so far.
