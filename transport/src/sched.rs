@@ -50,8 +50,9 @@ struct Stream {
     unacked: BTreeMap<u64, Chunk>,
     /// Bytes of `unacked`.
     used: u64,
-    /// Ids in `unacked` that were actually handed out for sending.
-    sent: BTreeMap<u64, ()>,
+    /// Ids in `unacked` that were actually handed out for sending, with the
+    /// bytes they took on the wire (0 until [`Scheduler::on_wire`]).
+    sent: BTreeMap<u64, u64>,
 }
 
 /// What [`Scheduler::fail`] did.
@@ -192,24 +193,38 @@ impl Scheduler {
     pub fn next(&mut self, s: usize) -> Option<Chunk> {
         let st = self.streams.get_mut(s)?;
         let c = st.queued.pop_front()?;
-        st.sent.insert(c.id, ());
+        st.sent.insert(c.id, 0);
         Some(c)
+    }
+
+    /// Chunk `id`, handed to stream `s`, takes `bytes` on the wire (frame
+    /// and headers); [`Scheduler::ack_wire`] gives it back.
+    pub fn on_wire(&mut self, s: usize, id: u64, bytes: u64) {
+        if let Some(b) = self.streams.get_mut(s).and_then(|st| st.sent.get_mut(&id)) {
+            *b = bytes;
+        }
     }
 
     /// Stream `s` received an acknowledgement of chunk `id`. Returns the
     /// chunk when it was outstanding on that stream (a repeated or unknown
     /// id is ignored).
     pub fn ack(&mut self, s: usize, id: u64) -> Option<Chunk> {
+        self.ack_wire(s, id).map(|(c, _)| c)
+    }
+
+    /// [`Scheduler::ack`], with the bytes the chunk took on the wire (as
+    /// told by [`Scheduler::on_wire`]; 0 if never told).
+    pub fn ack_wire(&mut self, s: usize, id: u64) -> Option<(Chunk, u64)> {
         let st = self.streams.get_mut(s)?;
         let c = st.unacked.remove(&id)?;
-        st.sent.remove(&id);
+        let wire = st.sent.remove(&id).unwrap_or(0);
         st.queued.retain(|q| q.id != id);
         st.used -= u64::from(c.len);
         if let Some(n) = self.outstanding.get_mut(&c.region) {
             *n = n.saturating_sub(1);
         }
         self.assign();
-        Some(c)
+        Some((c, wire))
     }
 
     /// Stream `s` failed: everything it held goes back to the front of the
@@ -399,5 +414,22 @@ mod tests {
         assert!(s.next(0).is_none(), "the window is full");
         s.ack(0, id).unwrap();
         assert_eq!(s.next(0).unwrap().offset, 1);
+    }
+
+    #[test]
+    fn acknowledgements_give_back_the_wire_bytes() {
+        let mut s = Scheduler::new(2, 1 << 20);
+        s.up(0);
+        s.add_region(0, 3 << 16, 1 << 16);
+        let a = s.next(0).unwrap();
+        let b = s.next(0).unwrap();
+        s.on_wire(0, a.id, 1000);
+        s.on_wire(1, b.id, 7); // not on stream 1: ignored
+        assert_eq!(
+            s.ack_wire(0, a.id).map(|(c, w)| (c.id, w)),
+            Some((a.id, 1000))
+        );
+        assert_eq!(s.ack_wire(0, b.id).map(|(_, w)| w), Some(0), "never told");
+        assert!(s.ack_wire(0, a.id).is_none(), "acknowledged once");
     }
 }

@@ -995,10 +995,11 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             };
             buf[wire::HEADER_LEN..fixed_end].copy_from_slice(&h.encode());
             let wire_len = (fixed_end + frame_len + wire::TAG_LEN) as u64;
-            let wait = lock(&shared.state)
-                .bucket
-                .as_mut()
-                .map(|b| b.take(wire_len, Instant::now()));
+            let wait = {
+                let mut st = lock(&shared.state);
+                st.sched.on_wire(i, c.id, wire_len);
+                st.bucket.as_mut().map(|b| b.take(wire_len, Instant::now()))
+            };
             if let Some(d) = wait
                 && !d.is_zero()
             {
@@ -1058,13 +1059,18 @@ async fn ack_reader(
                 let ids = wire::decode_ack(body).map_err(|e| wire_err(&peer, e))?;
                 let mut st = lock(&shared.state);
                 let now = Instant::now();
-                let mut n = 0;
+                let (mut n, mut wire) = (0, 0);
                 for id in ids {
-                    if let Some(c) = st.sched.ack(i, id) {
+                    if let Some((c, w)) = st.sched.ack_wire(i, id) {
                         n += u64::from(c.len);
+                        wire += w;
                     }
                 }
-                st.bw.record(n, now);
+                // The link's rate is what the codec's `auto` needs: wire
+                // bytes, not the application bytes they carried (which
+                // grow with the ratio and would make compression look
+                // ever less worth it).
+                st.bw.record(wire, now);
                 Metrics::add(&shared.metrics.bytes_acked, n);
                 st.wake_all();
                 drop(st);

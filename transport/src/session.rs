@@ -284,7 +284,8 @@ pub struct MetricsSnapshot {
     pub resumes: u64,
     /// Streams up now.
     pub streams: u64,
-    /// Bandwidth estimate in bytes per second (sender), 0 before one.
+    /// Bandwidth estimate of the link in wire bytes per second (sender),
+    /// 0 before one.
     pub bandwidth: f64,
 }
 
