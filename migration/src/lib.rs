@@ -1,8 +1,8 @@
-//! dwcp-migration: pre-copy live migration (not built yet).
+//! dwcp-migration: pre-copy live migration.
 //!
-//! This crate will hold the source and destination drivers, the sans-IO
-//! convergence controller (dirty rate, bandwidth, predicted downtime), the
-//! hypervisor traits (dirty bitmap, pause, resume, throttle, device state)
-//! and a KVM-backed guest, as `ARCHITECTURE.md` ("Migration: pre-copy")
-//! describes. Its issue has not been worked on: the crate is empty on
-//! purpose and offers no API.
+//! Being built (issue 5). So far: the hypervisor traits ([`hv`]) that the
+//! migration drivers will use and that a KVM guest, a synthetic guest or a
+//! C VMM implement. The drivers, the convergence controller and the KVM
+//! guest are not here yet; nothing in this crate migrates anything yet.
+
+pub mod hv;
