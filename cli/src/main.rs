@@ -158,9 +158,13 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct SendArgs {
-    /// Files and directories (sent recursively).
+    /// Files and directories (sent recursively); `-` alone sends standard
+    /// input, as one file named by --name, written in order as it arrives.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+    /// The name standard input is stored under (with `-`).
+    #[arg(long, default_value = "stdin")]
+    name: String,
     /// The receiver (host:port).
     #[arg(long)]
     to: String,
@@ -455,6 +459,7 @@ fn main() -> ExitCode {
             .and_then(|key| {
                 transfer::send(&transfer::SendOptions {
                     paths: a.paths.clone(),
+                    stdin_name: a.name.clone(),
                     to: a.to.clone(),
                     key,
                     streams: a.streams,

@@ -91,8 +91,10 @@ pub fn serve(listen: &str, dir: &Path, key: Option<Key>, workers: Option<usize>)
 /// Options of `dwcp send`.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
-    /// Files and directories.
+    /// Files and directories; `-` alone: standard input.
     pub paths: Vec<PathBuf>,
+    /// The file name standard input is stored under.
+    pub stdin_name: String,
     /// Receiver.
     pub to: String,
     /// `None` without authentication.
@@ -140,7 +142,15 @@ pub fn policy(mode: &str, rate_bps: u64) -> Result<Policy> {
 /// `dwcp send`.
 pub fn send(o: &SendOptions) -> Result<()> {
     let addr = resolve(&o.to)?;
-    let (list, skipped) = files::walk(&o.paths)?;
+    let stdin = o.paths.iter().any(|p| p.as_os_str() == "-");
+    if stdin && o.paths.len() > 1 {
+        bail!("`-` (standard input) cannot be sent together with other paths");
+    }
+    let (list, skipped) = if stdin {
+        (Vec::new(), Vec::new())
+    } else {
+        files::walk(&o.paths)?
+    };
     for s in &skipped {
         eprintln!("skipping {} (not a regular file or directory)", s.display());
     }
@@ -188,6 +198,41 @@ pub fn send(o: &SendOptions) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
+    let mut total = total;
+    if stdin {
+        let meta = files::FileMeta {
+            path: o.stdin_name.clone(),
+            mode: 0o644,
+            mtime_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            mtime_ns: 0,
+        };
+        files::safe_relative(&meta.path)
+            .map_err(|e| anyhow::anyhow!("--name {:?}: {e}", meta.path))?;
+        if show {
+            // The bar follows the acknowledgements as they come.
+            let last = std::sync::Mutex::new(Instant::now());
+            sender.on_event(move |e| {
+                if let dwcp_transport::Event::Progress { done, .. } = e {
+                    let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+                    if l.elapsed() > Duration::from_millis(200) {
+                        *l = Instant::now();
+                        let secs = start.elapsed().as_secs_f64().max(1e-3);
+                        eprint!(
+                            "\r{} from standard input  {:.3} Gbit/s   ",
+                            format_size(*done),
+                            *done as f64 * 8.0 / 1e9 / secs
+                        );
+                        let _ = std::io::stderr().flush();
+                    }
+                }
+            });
+        }
+        total = sender
+            .send_stream(meta.encode(), &mut std::io::stdin().lock())
+            .context("sending standard input")?;
+    }
     for f in &list {
         let src: Arc<dyn Source> = Arc::new(
             f.source()
@@ -225,7 +270,7 @@ pub fn send(o: &SendOptions) -> Result<()> {
             "{}",
             json!({
                 "name": "send",
-                "files": list.len(),
+                "files": list.len() + usize::from(stdin),
                 "bytes": total,
                 "wire_bytes": m.wire_bytes,
                 "ratio": m.ratio(),
@@ -242,7 +287,7 @@ pub fn send(o: &SendOptions) -> Result<()> {
     } else {
         println!(
             "sent {} file(s), {} in {:.2}s: {:.3} Gbit/s goodput, {} on the wire (ratio {:.2}), {} retransmitted chunk(s)",
-            list.len(),
+            list.len() + usize::from(stdin),
             format_size(total),
             secs,
             goodput,

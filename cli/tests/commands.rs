@@ -178,6 +178,87 @@ fn serve_and_send_move_a_tree_between_two_processes() {
 }
 
 #[test]
+fn send_dash_streams_standard_input_into_a_named_file() {
+    let s = Scratch::new("stdin");
+    let key = s.0.join("key");
+    assert!(dwcp(&["keygen", key.to_str().unwrap()], Duration::from_secs(10)).0);
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | (i % 3 == 0) as u8)
+        .collect();
+    fs::write(s.0.join("input"), &data).unwrap();
+    let dst = s.0.join("dst");
+    fs::create_dir_all(&dst).unwrap();
+    let (_server, addr) = serve(&dst, &key);
+    let mut child = Kill(
+        Command::new(DWCP)
+            .args([
+                "send",
+                "-",
+                "--name",
+                "logs/piped.bin",
+                "--to",
+                &addr,
+                "--key",
+            ])
+            .arg(&key)
+            .args(["--streams", "3", "--json"])
+            .stdin(fs::File::open(s.0.join("input")).unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "send - ran past 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.0.wait_with_output_bounded();
+    assert!(out.0, "send - failed: {}", out.2);
+    let report: serde_json::Value = serde_json::from_str(out.1.trim()).unwrap();
+    assert_eq!(report["bytes"], data.len() as u64, "{report}");
+    assert_eq!(fs::read(dst.join("logs/piped.bin")).unwrap(), data);
+    // A name that would leave the directory is refused before sending.
+    let (ok, _, err) = dwcp(
+        &[
+            "send",
+            "-",
+            "--name",
+            "../out",
+            "--to",
+            &addr,
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!ok && err.contains("--name"), "{err}");
+}
+
+/// Collects a finished child's status and output.
+trait Finished {
+    fn wait_with_output_bounded(&mut self) -> (bool, String, String);
+}
+
+impl Finished for Child {
+    fn wait_with_output_bounded(&mut self) -> (bool, String, String) {
+        use std::io::Read;
+        let (mut out, mut err) = (String::new(), String::new());
+        self.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        self.stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (self.wait().unwrap().success(), out, err)
+    }
+}
+
+#[test]
 fn send_with_the_wrong_key_is_refused_and_writes_nothing() {
     let s = Scratch::new("wrongkey");
     let (k1, k2) = (s.0.join("k1"), s.0.join("k2"));

@@ -190,19 +190,17 @@ impl Sink for DirSink {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-        if let Err(e) = file.set_len(info.len) {
+        // An ordered region (a byte stream) grows as it is written.
+        if let Some(len) = info.len
+            && let Err(e) = file.set_len(len)
+        {
             let _ = fs::remove_file(&tmp);
-            return Err(format!(
-                "sizing {} to {} bytes: {e}",
-                tmp.display(),
-                info.len
-            ));
+            return Err(format!("sizing {} to {len} bytes: {e}", tmp.display()));
         }
         Ok(Arc::new(FileRegion {
             file,
             tmp,
             target,
-            len: info.len,
             digest: PieceDigest::new(info.len),
             meta,
             report: self.report,
@@ -214,7 +212,6 @@ struct FileRegion {
     file: File,
     tmp: PathBuf,
     target: PathBuf,
-    len: u64,
     /// The BLAKE3 of what was written, assembled as it is written.
     digest: PieceDigest,
     meta: FileMeta,
@@ -222,10 +219,13 @@ struct FileRegion {
 }
 
 impl FileRegion {
-    fn finish_inner(&self, digest: &[u8; 32]) -> Result<(), String> {
+    fn finish_inner(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
         let what = |e: io::Error| format!("{}: {e}", self.tmp.display());
+        // An ordered region's file is exactly what was written (a region's
+        // was sized at OPEN and is checked against `len` by the digest).
+        self.file.set_len(len).map_err(what)?;
         // Pieces hashed as they were written; the rest is read back.
-        let got = self.digest.finish(|off, buf| {
+        let got = self.digest.finish(len, |off, buf| {
             self.file
                 .read_exact_at(buf, off)
                 .map_err(|e| format!("{}: {e}", self.tmp.display()))
@@ -263,12 +263,12 @@ impl RegionWriter for FileRegion {
         Ok(())
     }
 
-    fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
-        let r = self.finish_inner(digest);
+    fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
+        let r = self.finish_inner(len, digest);
         if let Some(f) = self.report {
             f(
                 &self.target,
-                self.len,
+                len,
                 r.as_ref().map(|_| ()).map_err(String::as_str),
             );
         }
@@ -423,7 +423,7 @@ mod tests {
         let e = sink
             .open(&RegionInfo {
                 region: 0,
-                len: 3,
+                len: Some(3),
                 meta: meta.encode(),
             })
             .err()
@@ -440,14 +440,14 @@ mod tests {
         let w = sink
             .open(&RegionInfo {
                 region: 1,
-                len: 3,
+                len: Some(3),
                 meta: meta.encode(),
             })
             .unwrap();
         w.write_at(0, b"abc").unwrap();
-        assert!(w.finish(&[0; 32]).is_err(), "wrong digest refused");
+        assert!(w.finish(3, &[0; 32]).is_err(), "wrong digest refused");
         assert!(!root.join("sub/ok").exists());
-        w.finish(blake3::hash(b"abc").as_bytes()).unwrap();
+        w.finish(3, blake3::hash(b"abc").as_bytes()).unwrap();
         let m = fs::metadata(root.join("sub/ok")).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o640);
         assert_eq!(

@@ -30,6 +30,6 @@ pub use memory::{MemorySink, ReceivedRegion};
 pub use receiver::Receiver;
 pub use sender::{Sender, digest};
 pub use session::{
-    FileSource, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter, SenderConfig,
-    Sink, Source, StreamCount,
+    Event, EventFn, FileSource, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter,
+    SenderConfig, Sink, Source, StreamCount,
 };

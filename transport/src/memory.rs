@@ -134,20 +134,24 @@ impl MemorySink {
 
 impl Sink for MemorySink {
     fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String> {
-        let len = usize::try_from(info.len)
-            .map_err(|_| format!("region of {} bytes does not fit in memory", info.len))?;
-        {
-            let mut st = lock(&self.inner.state);
-            let after = st.reserved.saturating_add(info.len);
-            if after > self.inner.limit {
-                return Err(format!(
-                    "region of {} bytes: this receiver holds at most {} bytes in memory \
-                     and {} are in use",
-                    info.len, self.inner.limit, st.reserved
-                ));
-            }
-            st.reserved = after;
-        }
+        let Some(announced) = info.len else {
+            // An ordered region: reserved as it grows.
+            return Ok(Arc::new(MemRegion {
+                sink: self.inner.clone(),
+                region: info.region,
+                meta: info.meta.clone(),
+                ordered: true,
+                digest: PieceDigest::new(None),
+                bytes: Mutex::new(Some(Buf {
+                    data: Vec::new(),
+                    len: 0,
+                    stream: Some(blake3::Hasher::new()),
+                })),
+            }));
+        };
+        let len = usize::try_from(announced)
+            .map_err(|_| format!("region of {announced} bytes does not fit in memory"))?;
+        self.inner.reserve(announced)?;
         // A discarding sink reuses a buffer that is large enough: every
         // byte of it is written before the digest is checked, and the
         // digest covers every byte, so nothing stale can pass.
@@ -160,18 +164,38 @@ impl Sink for MemorySink {
                 .min_by_key(|&i| pool[i].len());
             best.map(|i| pool.swap_remove(i))
         };
-        let Some(bytes) = reused.or_else(|| zeroed(len)) else {
-            lock(&self.inner.state).reserved -= info.len;
-            return Err(format!("cannot allocate {} bytes", info.len));
+        let Some(data) = reused.or_else(|| zeroed(len)) else {
+            lock(&self.inner.state).reserved -= announced;
+            return Err(format!("cannot allocate {announced} bytes"));
         };
         Ok(Arc::new(MemRegion {
             sink: self.inner.clone(),
             region: info.region,
             meta: info.meta.clone(),
-            len,
-            digest: PieceDigest::new(info.len),
-            bytes: Mutex::new(Some(bytes)),
+            ordered: false,
+            digest: PieceDigest::new(Some(announced)),
+            bytes: Mutex::new(Some(Buf {
+                data,
+                len,
+                stream: None,
+            })),
         }))
+    }
+}
+
+impl Inner {
+    /// Reserves `n` more bytes against the limit.
+    fn reserve(&self, n: u64) -> Result<(), String> {
+        let mut st = lock(&self.state);
+        let after = st.reserved.saturating_add(n);
+        if after > self.limit {
+            return Err(format!(
+                "{n} more bytes: this receiver holds at most {} bytes in memory and {} are in use",
+                self.limit, st.reserved
+            ));
+        }
+        st.reserved = after;
+        Ok(())
     }
 }
 
@@ -230,23 +254,35 @@ struct MemRegion {
     sink: Arc<Inner>,
     region: u32,
     meta: Vec<u8>,
-    /// The region's length; `bytes` may be longer (a reused buffer).
-    len: usize,
+    /// Written in order, growing (an ordered region).
+    ordered: bool,
+    /// A region's digest, assembled from pieces as they are placed.
     digest: PieceDigest,
     /// `None` once finished or aborted.
-    bytes: Mutex<Option<Vec<u8>>>,
+    bytes: Mutex<Option<Buf>>,
+}
+
+/// A region's bytes: `data[..len]`; `data` may be longer (a reused buffer).
+struct Buf {
+    data: Vec<u8>,
+    /// The region's length (announced, or written so far when ordered);
+    /// what is reserved for it.
+    len: usize,
+    /// An ordered region's BLAKE3, fed in order as it is written (a
+    /// discarding sink keeps none of its bytes to read back).
+    stream: Option<blake3::Hasher>,
 }
 
 impl MemRegion {
     /// Gives back the reservation of a region that will not be kept, and
     /// its buffer to the pool of a discarding sink.
-    fn release(&self, buf: Vec<u8>, failed: bool) {
+    fn release(&self, buf: Buf, failed: bool) {
         let mut st = lock(&self.sink.state);
-        st.reserved -= self.len as u64;
+        st.reserved -= buf.len as u64;
         st.failed += u64::from(failed);
         drop(st);
-        if !self.sink.keep {
-            lock(&self.sink.pool).push(buf);
+        if !self.sink.keep && !self.ordered {
+            lock(&self.sink.pool).push(buf.data);
         }
     }
 }
@@ -256,27 +292,60 @@ impl RegionWriter for MemRegion {
         {
             let mut b = lock(&self.bytes);
             let b = b.as_mut().ok_or("the region is already finished")?;
-            let b = &mut b[..self.len];
             let start = usize::try_from(offset).map_err(|_| "offset out of range")?;
-            b.get_mut(start..start.saturating_add(data.len()))
-                .ok_or("write outside the region")?
-                .copy_from_slice(data);
+            if self.ordered {
+                if start != b.len {
+                    return Err(format!(
+                        "ordered write at {start}, the region ends at {}",
+                        b.len
+                    ));
+                }
+                self.sink.reserve(data.len() as u64)?;
+                b.len += data.len();
+                if self.sink.keep {
+                    b.data.extend_from_slice(data);
+                }
+                if let Some(h) = &mut b.stream {
+                    h.update(data);
+                }
+                return Ok(());
+            } else {
+                b.data[..b.len]
+                    .get_mut(start..start.saturating_add(data.len()))
+                    .ok_or("write outside the region")?
+                    .copy_from_slice(data);
+            }
         }
         // Hashed outside the lock, on the placing core.
         self.digest.record(offset, data);
         Ok(())
     }
 
-    fn finish(&self, digest: &[u8; 32]) -> Result<(), String> {
+    fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
         let Some(mut bytes) = lock(&self.bytes).take() else {
             return Err("the region is already finished".into());
         };
-        let len = self.len as u64;
-        let got = self.digest.finish(|off, buf| {
-            let start = off as usize;
-            buf.copy_from_slice(&bytes[start..start + buf.len()]);
-            Ok(())
-        })?;
+        let got = if bytes.len as u64 != len {
+            Err(format!(
+                "region {} is {} bytes long, the sender says {len}",
+                self.region, bytes.len
+            ))
+        } else if let Some(h) = &bytes.stream {
+            Ok(h.finalize())
+        } else {
+            self.digest.finish(len, |off, buf| {
+                let start = off as usize;
+                buf.copy_from_slice(&bytes.data[start..start + buf.len()]);
+                Ok(())
+            })
+        };
+        let got = match got {
+            Ok(h) => h,
+            Err(e) => {
+                self.release(bytes, true);
+                return Err(e);
+            }
+        };
         if got != blake3::Hash::from_bytes(*digest) {
             self.release(bytes, true);
             return Err(format!(
@@ -286,8 +355,8 @@ impl RegionWriter for MemRegion {
         }
         let keep = self.sink.keep;
         let kept = if keep {
-            bytes.truncate(self.len);
-            Some(bytes)
+            bytes.data.truncate(bytes.len);
+            Some(bytes.data)
         } else {
             self.release(bytes, false);
             None
@@ -318,7 +387,7 @@ mod tests {
     fn info(region: u32, len: u64) -> RegionInfo {
         RegionInfo {
             region,
-            len,
+            len: Some(len),
             meta: b"m".to_vec(),
         }
     }
@@ -332,7 +401,8 @@ mod tests {
             w.write_at((k << 20) as u64, piece).unwrap();
         }
         assert!(sink.take(Duration::ZERO).is_none(), "nothing before finish");
-        w.finish(blake3::hash(&data).as_bytes()).unwrap();
+        w.finish(data.len() as u64, blake3::hash(&data).as_bytes())
+            .unwrap();
         let r = sink.take(Duration::ZERO).unwrap();
         assert_eq!(
             (r.region, r.len, r.meta.as_slice()),
@@ -347,7 +417,7 @@ mod tests {
         let sink = MemorySink::new(1 << 20);
         let w = sink.open(&info(0, 100)).unwrap();
         w.write_at(0, &[1; 100]).unwrap();
-        let e = w.finish(&[0; 32]).unwrap_err();
+        let e = w.finish(100, &[0; 32]).unwrap_err();
         assert!(e.contains("digest"), "{e}");
         assert!(sink.take(Duration::ZERO).is_none());
         assert_eq!((sink.failed(), lock(&sink.inner.state).reserved), (1, 0));
@@ -368,7 +438,7 @@ mod tests {
         let b = sink.open(&info(1, 600)).unwrap();
         assert!(b.write_at(599, &[0, 0]).is_err(), "outside the region");
         b.write_at(0, &[9; 600]).unwrap();
-        b.finish(blake3::hash(&[9; 600]).as_bytes()).unwrap();
+        b.finish(600, blake3::hash(&[9; 600]).as_bytes()).unwrap();
         // Kept until taken.
         assert!(sink.open(&info(3, 600)).is_err());
         assert!(sink.take(Duration::ZERO).is_some());
@@ -380,7 +450,7 @@ mod tests {
         let sink = MemorySink::discarding(1000);
         let w = sink.open(&info(0, 600)).unwrap();
         w.write_at(0, &[3; 600]).unwrap();
-        w.finish(blake3::hash(&[3; 600]).as_bytes()).unwrap();
+        w.finish(600, blake3::hash(&[3; 600]).as_bytes()).unwrap();
         assert!(sink.open(&info(1, 600)).is_ok(), "freed at finish");
         let r = sink.take(Duration::ZERO).unwrap();
         assert_eq!((r.len, r.bytes), (600, None));
@@ -392,7 +462,7 @@ mod tests {
         sink.prefault(1000).unwrap();
         let w = sink.open(&info(0, 700)).unwrap();
         w.write_at(0, &[5; 700]).unwrap();
-        w.finish(blake3::hash(&[5; 700]).as_bytes()).unwrap();
+        w.finish(700, blake3::hash(&[5; 700]).as_bytes()).unwrap();
         assert_eq!(lock(&sink.inner.pool).len(), 1, "given back");
         // The next region lands in the same (stale) buffer: a missing
         // write would leave old bytes, which the digest catches.
@@ -401,8 +471,47 @@ mod tests {
         w.write_at(0, &[6; 400]).unwrap();
         let mut want = vec![6u8; 400];
         want.extend([0u8; 100]);
-        assert!(w.finish(blake3::hash(&want).as_bytes()).is_err());
+        assert!(w.finish(500, blake3::hash(&want).as_bytes()).is_err());
         assert_eq!(sink.failed(), 1);
         assert_eq!(lock(&sink.inner.state).reserved, 0);
+    }
+
+    #[test]
+    fn ordered_regions_grow_in_order_within_the_limit() {
+        for keep in [true, false] {
+            let sink = MemorySink::with(3000, keep);
+            let w = sink
+                .open(&RegionInfo {
+                    region: 7,
+                    len: None,
+                    meta: Vec::new(),
+                })
+                .unwrap();
+            w.write_at(0, &[1; 1000]).unwrap();
+            assert!(w.write_at(500, &[2; 10]).is_err(), "out of order");
+            w.write_at(1000, &[2; 1000]).unwrap();
+            let mut want = vec![1u8; 1000];
+            want.extend([2u8; 1000]);
+            assert!(w.finish(1999, blake3::hash(&want).as_bytes()).is_err());
+            assert_eq!(lock(&sink.inner.state).reserved, 0);
+            let w = sink
+                .open(&RegionInfo {
+                    region: 8,
+                    len: None,
+                    meta: Vec::new(),
+                })
+                .unwrap();
+            w.write_at(0, &want).unwrap();
+            let e = w.write_at(2000, &[0; 1001]).unwrap_err();
+            assert!(e.contains("at most 3000"), "{e}");
+            w.finish(2000, blake3::hash(&want).as_bytes()).unwrap();
+            let r = sink.take(Duration::ZERO).unwrap();
+            assert_eq!(r.len, 2000);
+            assert_eq!(r.bytes.is_some(), keep);
+            if keep {
+                assert_eq!(r.bytes.unwrap(), want);
+            }
+            assert_eq!(lock(&sink.inner.state).reserved, 0);
+        }
     }
 }

@@ -17,7 +17,8 @@ use crate::auth::{self, Direction, Tagger};
 use crate::conn::{self, MsgReader, MsgWriter};
 use crate::error::{TransportError, WireError, refused, wire_err};
 use crate::session::{
-    Mailbox, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter, Sink, lock,
+    Event, Events, Mailbox, Metrics, MetricsSnapshot, ReceiverConfig, RegionInfo, RegionWriter,
+    Sink, lock,
 };
 use crate::wire::{
     self, Addressing, Challenge, Close, DataHeader, Hello, Join, JoinOk, Kind, Open, Reason,
@@ -47,6 +48,8 @@ struct Shared {
     sink: Arc<dyn Sink>,
     sessions: Mutex<HashMap<[u8; 16], Arc<RecvSession>>>,
     metrics: Metrics,
+    /// Shared with the threads that finish regions.
+    events: Arc<Events>,
     stopping: AtomicBool,
     workers: usize,
 }
@@ -65,25 +68,49 @@ struct RecvSession {
     control: Mailbox<ControlMsg>,
 }
 
+/// The reorder window a receiver announces, in [`wire::REORDER_UNIT`]s.
+fn reorder_units(bytes: u64) -> u16 {
+    (bytes / wire::REORDER_UNIT).min(u64::from(u16::MAX)) as u16
+}
+
 #[derive(Default)]
 struct RState {
     epoch: u64,
     regions: HashMap<u32, RRegion>,
     placed: HashSet<u64>,
+    /// Bytes of ordered chunks held out of order, all regions together.
+    reorder_held: u64,
     control_up: bool,
     detached_since: Option<Instant>,
     ended: bool,
 }
 
 struct RRegion {
-    len: u64,
+    /// What `OPEN` said; `None` for an ordered region.
+    len: Option<u64>,
+    /// An ordered region's delivery state.
+    ordered: Option<Arc<Mutex<Reorder>>>,
     writer: Arc<dyn RegionWriter>,
+    /// Chunks placed, and their bytes.
     placed: u64,
+    placed_bytes: u64,
     close: Option<Close>,
     /// Finishing started (or done).
     finishing: bool,
     /// The `DONE` reason, once finished.
     done: Option<Reason>,
+}
+
+/// An ordered region's chunks on their way to its writer: delivered in
+/// sequence, those that arrive early held (in the session's bounded reorder
+/// window) until the gap before them fills.
+#[derive(Default)]
+struct Reorder {
+    /// The next sequence number to deliver.
+    next: u64,
+    /// Bytes delivered so far: where the next one is written.
+    delivered: u64,
+    held: std::collections::BTreeMap<u64, Vec<u8>>,
 }
 
 impl Receiver {
@@ -112,6 +139,7 @@ impl Receiver {
             sink,
             sessions: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
+            events: Arc::default(),
             stopping: AtomicBool::new(false),
             workers: engine.workers(),
         });
@@ -132,6 +160,13 @@ impl Receiver {
     /// Counters over every session.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.shared.metrics.snapshot(0, 0.0)
+    }
+
+    /// Calls `f` with the [`Event`]s of every session from now on (each
+    /// chunk placed, each region verified or failed), replacing any earlier
+    /// callback.
+    pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.shared.events.set(Arc::new(f));
     }
 
     /// Sessions open now (including those waiting to be resumed).
@@ -430,6 +465,7 @@ async fn control(
         max_chunk: cfg.max_chunk,
         grace_ms: cfg.grace.as_millis().min(u128::from(u32::MAX)) as u32,
         max_streams: cfg.max_streams,
+        reorder_units: reorder_units(cfg.reorder_bytes),
     };
     w.send(Kind::Welcome, &welcome.encode()).await?;
     // Regions that finished while the control stream was away are
@@ -515,7 +551,7 @@ async fn control_loop(
                     reg.close = Some(close);
                 }
                 drop(st);
-                maybe_finish(session, close.region);
+                maybe_finish(&shared.events, session, close.region);
             }
             Kind::Bye => {
                 session
@@ -551,17 +587,19 @@ fn open_region(shared: &Shared, session: &RecvSession, open: Open) {
             .encode(),
         ));
     };
-    if open.addressing != Addressing::Region {
-        fail("ordered regions are not supported by this receiver yet".into());
+    let ordered = open.addressing == Addressing::Ordered;
+    if ordered && reorder_units(shared.cfg.reorder_bytes) == 0 {
+        fail("this receiver takes no ordered regions (its reorder window is 0)".into());
         return;
     }
     if lock(&session.state).regions.contains_key(&open.region) {
         // A repeat after a resume.
         return;
     }
+    let len = (!ordered).then_some(open.len);
     let info = RegionInfo {
         region: open.region,
-        len: open.len,
+        len,
         meta: open.meta,
     };
     match shared.sink.open(&info) {
@@ -569,9 +607,11 @@ fn open_region(shared: &Shared, session: &RecvSession, open: Open) {
             lock(&session.state).regions.insert(
                 open.region,
                 RRegion {
-                    len: open.len,
+                    len,
+                    ordered: ordered.then(Default::default),
                     writer,
                     placed: 0,
+                    placed_bytes: 0,
                     close: None,
                     finishing: false,
                     done: None,
@@ -586,8 +626,8 @@ fn open_region(shared: &Shared, session: &RecvSession, open: Open) {
 /// Finishes `region` if it is closed and every chunk is placed: the digest
 /// check (which reads the whole region) runs on its own thread, off the
 /// engine's cores, and its result goes back as `DONE`.
-fn maybe_finish(session: &Arc<RecvSession>, region: u32) {
-    let (writer, close) = {
+fn maybe_finish(events: &Arc<Events>, session: &Arc<RecvSession>, region: u32) {
+    let (writer, close, len, ordered) = {
         let mut st = lock(&session.state);
         let Some(reg) = st.regions.get_mut(&region) else {
             return;
@@ -597,22 +637,22 @@ fn maybe_finish(session: &Arc<RecvSession>, region: u32) {
             return;
         }
         reg.finishing = true;
-        (reg.writer.clone(), close)
+        (reg.writer.clone(), close, reg.len, reg.ordered.clone())
     };
     let for_thread = session.clone();
+    let events = events.clone();
     let run = move || {
         let session = for_thread;
-        let reg_len = lock(&session.state)
-            .regions
-            .get(&region)
-            .map_or(0, |r| r.len);
-        let result = if close.len != reg_len {
-            Err(format!(
-                "CLOSE says {} bytes, OPEN said {reg_len}",
+        // Every chunk is placed, so every chunk of an ordered region is
+        // delivered: what it wrote is its length.
+        let len = len.or_else(|| ordered.map(|o| lock(&o).delivered));
+        let result = match len {
+            Some(len) if len == close.len => writer.finish(len, &close.digest),
+            Some(len) => Err(format!(
+                "CLOSE says {} bytes, the region has {len}",
                 close.len
-            ))
-        } else {
-            writer.finish(&close.digest)
+            )),
+            None => Err("region has no length".into()),
         };
         let reason = match result {
             Ok(()) => Reason {
@@ -630,10 +670,16 @@ fn maybe_finish(session: &Arc<RecvSession>, region: u32) {
             }
         };
         let body = reason.encode();
+        let error = (reason.code != code::OK).then(|| reason.text.clone());
         if let Some(r) = lock(&session.state).regions.get_mut(&region) {
             r.done = Some(reason);
         }
         session.control.push(ControlMsg::Send(Kind::Done, body));
+        events.emit([Event::RegionDone {
+            session: session.id,
+            region,
+            error,
+        }]);
     };
     if std::thread::Builder::new()
         .name("dwcp-finish".into())
@@ -804,7 +850,7 @@ fn place(
             h.stream
         )));
     }
-    let (writer, len, already) = {
+    let (writer, len, ordered, already) = {
         let st = lock(&session.state);
         let Some(reg) = st.regions.get(&h.region) else {
             return Err(bad(format!(
@@ -812,15 +858,21 @@ fn place(
                 h.region
             )));
         };
-        (reg.writer.clone(), reg.len, st.placed.contains(&h.chunk))
+        (
+            reg.writer.clone(),
+            reg.len,
+            reg.ordered.clone(),
+            st.placed.contains(&h.chunk),
+        )
     };
     if already {
         return Ok(h.chunk);
     }
-    if h.addressing != Addressing::Region {
-        return Err(bad(
-            "ordered DATA is not supported by this receiver yet".into()
-        ));
+    if ordered.is_some() != (h.addressing == Addressing::Ordered) {
+        return Err(bad(format!(
+            "DATA addressed {:?} for region {}, which was opened otherwise",
+            h.addressing, h.region
+        )));
     }
     let (seq, bytes) = dec.decode_chunk(frame).map_err(|e| TransportError::Frame {
         peer: peer.to_string(),
@@ -834,35 +886,227 @@ fn place(
             h.raw_len
         )));
     }
-    if h.offset
-        .checked_add(bytes.len() as u64)
-        .is_none_or(|end| end > len)
-    {
-        return Err(bad(format!(
-            "chunk at {} of {} bytes lies outside region {} of {len} bytes",
-            h.offset,
-            bytes.len(),
+    let region_err = |text: String| TransportError::Region {
+        region: h.region,
+        text,
+    };
+    let newly = match (len, ordered) {
+        (_, Some(ordered)) => deliver_ordered(shared, session, &ordered, &*writer, h, bytes)
+            .map_err(|e| match e {
+                Misplaced::Peer(t) => bad(t),
+                Misplaced::Sink(t) => region_err(t),
+            })?,
+        (Some(len), None) => {
+            if h.offset
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|end| end > len)
+            {
+                return Err(bad(format!(
+                    "chunk at {} of {} bytes lies outside region {} of {len} bytes",
+                    h.offset,
+                    bytes.len(),
+                    h.region
+                )));
+            }
+            writer.write_at(h.offset, bytes).map_err(region_err)?;
+            mark_placed(session, h)
+        }
+        (None, None) => return Err(region_err("region has no length".into())),
+    };
+    if newly {
+        crate::session::Metrics::add(&shared.metrics.bytes_in, bytes.len() as u64);
+        if shared.events.wanted() {
+            let event = lock(&session.state)
+                .regions
+                .get(&h.region)
+                .map(|r| Event::Progress {
+                    session: session.id,
+                    region: h.region,
+                    done: r.placed_bytes,
+                    len: r.len,
+                });
+            shared.events.emit(event);
+        }
+        maybe_finish(&shared.events, session, h.region);
+    }
+    Ok(h.chunk)
+}
+
+/// Records chunk `h` as placed; false when it already was.
+fn mark_placed(session: &RecvSession, h: &DataHeader) -> bool {
+    let mut st = lock(&session.state);
+    let newly = st.placed.insert(h.chunk);
+    if newly && let Some(reg) = st.regions.get_mut(&h.region) {
+        reg.placed += 1;
+        reg.placed_bytes += u64::from(h.raw_len);
+    }
+    newly
+}
+
+/// Why an ordered chunk could not be placed.
+enum Misplaced {
+    /// The peer broke the protocol (a repeated sequence number, a chunk
+    /// beyond the reorder window).
+    Peer(String),
+    /// The sink refused a write.
+    Sink(String),
+}
+
+/// Places chunk `h.offset` (its sequence number) of an ordered region:
+/// written at once when it is the next one, followed by any held chunks it
+/// unblocks; otherwise copied and held, within the session's reorder
+/// window. Delivery is serialised per region by its `Reorder` lock, so the
+/// writer sees one write at a time, in order; the chunk counts as placed
+/// under that lock too, so a copy of it racing in on another stream (a
+/// retransmission) is recognised. Returns whether it was new.
+fn deliver_ordered(
+    shared: &Shared,
+    session: &RecvSession,
+    ordered: &Mutex<Reorder>,
+    writer: &dyn RegionWriter,
+    h: &DataHeader,
+    bytes: &[u8],
+) -> Result<bool, Misplaced> {
+    let seq = h.offset;
+    let mut o = lock(ordered);
+    if lock(&session.state).placed.contains(&h.chunk) {
+        return Ok(false);
+    }
+    if seq < o.next || o.held.contains_key(&seq) {
+        return Err(Misplaced::Peer(format!(
+            "sequence {seq} of region {} arrived twice under different chunk ids",
             h.region
         )));
     }
-    writer
-        .write_at(h.offset, bytes)
-        .map_err(|text| TransportError::Region {
-            region: h.region,
-            text,
-        })?;
-    let n = bytes.len() as u64;
-    let newly = {
-        let mut st = lock(&session.state);
-        let newly = st.placed.insert(h.chunk);
-        if newly && let Some(reg) = st.regions.get_mut(&h.region) {
-            reg.placed += 1;
+    if seq > o.next {
+        let n = bytes.len() as u64;
+        let limit = u64::from(reorder_units(shared.cfg.reorder_bytes)) * wire::REORDER_UNIT;
+        {
+            let mut st = lock(&session.state);
+            if st.reorder_held.saturating_add(n) > limit {
+                return Err(Misplaced::Peer(format!(
+                    "sequence {seq} of region {} (next due: {}) overruns the reorder window \
+                     of {limit} bytes",
+                    h.region, o.next
+                )));
+            }
+            st.reorder_held += n;
         }
-        newly
-    };
-    if newly {
-        crate::session::Metrics::add(&shared.metrics.bytes_in, n);
-        maybe_finish(session, h.region);
+        o.held.insert(seq, bytes.to_vec());
+        return Ok(mark_placed(session, h));
     }
-    Ok(h.chunk)
+    let write = |o: &mut Reorder, data: &[u8]| -> Result<(), Misplaced> {
+        let at = o.delivered;
+        o.delivered = at
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| Misplaced::Peer("ordered region longer than 2^64 bytes".into()))?;
+        o.next += 1;
+        writer.write_at(at, data).map_err(Misplaced::Sink)
+    };
+    write(&mut o, bytes)?;
+    loop {
+        let next = o.next;
+        let Some(data) = o.held.remove(&next) else {
+            break;
+        };
+        {
+            let mut st = lock(&session.state);
+            st.reorder_held = st.reorder_held.saturating_sub(data.len() as u64);
+        }
+        write(&mut o, &data)?;
+    }
+    Ok(mark_placed(session, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemorySink;
+
+    fn fixture(reorder_bytes: u64) -> (Arc<Shared>, Arc<RecvSession>, MemorySink) {
+        let sink = MemorySink::new(1 << 30);
+        let shared = Arc::new(Shared {
+            cfg: ReceiverConfig {
+                reorder_bytes,
+                ..ReceiverConfig::default()
+            },
+            sink: sink.handle(),
+            sessions: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            events: Arc::default(),
+            stopping: AtomicBool::new(false),
+            workers: 1,
+        });
+        let session = Arc::new(RecvSession {
+            id: [7; 16],
+            key: Mutex::new([0; 32]),
+            state: Mutex::new(RState::default()),
+            control: Mailbox::new(),
+        });
+        open_region(
+            &shared,
+            &session,
+            Open {
+                region: 1,
+                addressing: Addressing::Ordered,
+                len: u64::MAX,
+                meta: Vec::new(),
+            },
+        );
+        (shared, session, sink)
+    }
+
+    fn deliver(
+        shared: &Shared,
+        session: &RecvSession,
+        chunk: u64,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<bool, String> {
+        let (ordered, writer) = {
+            let st = lock(&session.state);
+            let r = &st.regions[&1];
+            (r.ordered.clone().unwrap(), r.writer.clone())
+        };
+        let h = DataHeader {
+            stream: 0,
+            addressing: Addressing::Ordered,
+            chunk,
+            region: 1,
+            raw_len: bytes.len() as u32,
+            offset: seq,
+        };
+        deliver_ordered(shared, session, &ordered, &*writer, &h, bytes).map_err(|e| match e {
+            Misplaced::Peer(t) => format!("peer: {t}"),
+            Misplaced::Sink(t) => format!("sink: {t}"),
+        })
+    }
+
+    #[test]
+    fn ordered_chunks_are_written_in_sequence_whatever_their_arrival() {
+        let (shared, session, _sink) = fixture(1 << 20);
+        assert!(deliver(&shared, &session, 12, 2, b"cc").unwrap());
+        assert!(deliver(&shared, &session, 11, 1, b"b").unwrap());
+        assert_eq!(lock(&session.state).reorder_held, 3, "held until 0 comes");
+        // A retransmitted copy of a held chunk is not new.
+        assert!(!deliver(&shared, &session, 12, 2, b"cc").unwrap());
+        assert!(deliver(&shared, &session, 10, 0, b"aaa").unwrap());
+        let st = lock(&session.state);
+        assert_eq!(st.reorder_held, 0);
+        let o = lock(st.regions[&1].ordered.as_ref().unwrap());
+        assert_eq!((o.next, o.delivered), (3, 6));
+    }
+
+    #[test]
+    fn a_peer_cannot_overrun_the_reorder_window_or_reuse_a_sequence() {
+        let (shared, session, _sink) = fixture(wire::REORDER_UNIT);
+        let piece = vec![1u8; 40 * 1024];
+        deliver(&shared, &session, 1, 1, &piece).unwrap();
+        let e = deliver(&shared, &session, 2, 2, &piece).unwrap_err();
+        assert!(e.contains("overruns the reorder window"), "{e}");
+        deliver(&shared, &session, 0, 0, b"x").unwrap();
+        let e = deliver(&shared, &session, 9, 1, b"again").unwrap_err();
+        assert!(e.contains("arrived twice"), "{e}");
+        assert_eq!(lock(&session.state).reorder_held, 0, "memory given back");
+    }
 }

@@ -2,7 +2,8 @@
 //! scheduler between them, and regions from open to `DONE`.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,8 @@ use crate::error::{TransportError, WireError, refused, wire_err};
 use crate::pace::{BandwidthEstimate, TokenBucket};
 use crate::sched::{Chunk, Scheduler};
 use crate::session::{
-    Mailbox, Metrics, MetricsSnapshot, SenderConfig, Source, StreamCount, lock, wire_policy,
+    Event, Events, Mailbox, Metrics, MetricsSnapshot, SenderConfig, Source, StreamCount, lock,
+    wire_policy,
 };
 use crate::wire::{
     self, Addressing, Challenge, Close, DataHeader, Hello, Join, JoinOk, Kind, Open, Reason,
@@ -56,6 +58,7 @@ struct Shared {
     cond: Condvar,
     control: Arc<Mailbox<Ctl>>,
     metrics: Metrics,
+    events: Events,
 }
 
 /// What the control stream's writer is given.
@@ -72,6 +75,16 @@ struct State {
     /// A stream's reader saw its connection fail.
     dead: Vec<bool>,
     sources: HashMap<u32, Arc<dyn Source>>,
+    /// Bytes acknowledged and length (`None`: an ordered region still
+    /// being read) of every region without a `DONE`, for progress events.
+    progress: HashMap<u32, (u64, Option<u64>)>,
+    /// Chunks of each ordered region handed to the scheduler from its
+    /// oldest unacknowledged one on: `(sequence, bytes, acknowledged)`.
+    /// The receiver may have to hold any of them but the first out of
+    /// order, so their bytes, all regions together, stay within its reorder
+    /// window (`reorder_used`).
+    ordered: HashMap<u32, VecDeque<(u64, u64, bool)>>,
+    reorder_used: u64,
     /// `DONE` results by region.
     done: HashMap<u32, Option<Result<(), String>>>,
     /// `OPEN` and (once closed) `CLOSE` of every region without a `DONE`
@@ -164,6 +177,9 @@ impl Sender {
                 wakers: vec![None; usize::from(streams)],
                 dead: vec![false; usize::from(streams)],
                 sources: HashMap::new(),
+                progress: HashMap::new(),
+                ordered: HashMap::new(),
+                reorder_used: 0,
                 done: HashMap::new(),
                 pending: BTreeMap::new(),
                 next_region: 0,
@@ -178,6 +194,7 @@ impl Sender {
             cond: Condvar::new(),
             control: mailbox,
             metrics: Metrics::default(),
+            events: Events::default(),
             cfg,
         });
         // The control reader reports to the session from now on.
@@ -214,6 +231,13 @@ impl Sender {
     /// The session id.
     pub fn session_id(&self) -> [u8; 16] {
         self.shared.session
+    }
+
+    /// Calls `f` with every [`Event`] of the session from now on (progress
+    /// of each region as it is acknowledged, regions done, streams up and
+    /// failed, resumptions), replacing any earlier callback.
+    pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.shared.events.set(Arc::new(f));
     }
 
     /// Counters and estimates of the session.
@@ -258,6 +282,12 @@ impl Sender {
         meta: Vec<u8>,
         source: Arc<dyn Source>,
     ) -> Result<u32, TransportError> {
+        self.open(meta, Some(source))
+    }
+
+    /// Opens a region: addressed by offset and read from `source`, or,
+    /// without one, ordered, its chunks handed over as they are read.
+    fn open(&self, meta: Vec<u8>, source: Option<Arc<dyn Source>>) -> Result<u32, TransportError> {
         if meta.len() > wire::MAX_META_LEN {
             return Err(TransportError::Config(format!(
                 "region metadata of {} bytes, at most {}",
@@ -265,7 +295,12 @@ impl Sender {
                 wire::MAX_META_LEN
             )));
         }
-        let len = source.len();
+        if source.is_none() && self.shared.welcome.reorder_units == 0 {
+            return Err(TransportError::Config(
+                "the receiver takes no ordered regions (byte streams)".into(),
+            ));
+        }
+        let len = source.as_ref().map(|s| s.len());
         let mut st = lock(&self.shared.state);
         if let Some(f) = &st.failed {
             return Err(TransportError::SessionLost(f.clone()));
@@ -277,8 +312,12 @@ impl Sender {
             .ok_or_else(|| TransportError::Config("out of region ids".into()))?;
         let open = Open {
             region: id,
-            addressing: Addressing::Region,
-            len,
+            addressing: if len.is_some() {
+                Addressing::Region
+            } else {
+                Addressing::Ordered
+            },
+            len: len.unwrap_or(u64::MAX),
             meta,
         };
         // OPEN goes out before any chunk is given to a stream; it is queued
@@ -290,10 +329,19 @@ impl Sender {
             ));
         }
         st.pending.insert(id, (body, None));
-        st.sources.insert(id, source);
         st.done.insert(id, None);
-        st.sched.add_region(id, len, self.shared.cfg.chunk);
-        Metrics::add(&self.shared.metrics.bytes_in, len);
+        st.progress.insert(id, (0, len));
+        match source {
+            Some(source) => {
+                let len = source.len();
+                st.sources.insert(id, source);
+                st.sched.add_region(id, len, self.shared.cfg.chunk);
+                Metrics::add(&self.shared.metrics.bytes_in, len);
+            }
+            None => {
+                st.ordered.insert(id, VecDeque::new());
+            }
+        }
         st.wake_all();
         Ok(id)
     }
@@ -301,15 +349,25 @@ impl Sender {
     /// Says region `id` is complete, with the BLAKE3 `digest` of its bytes;
     /// the receiver finishes it when every chunk is placed.
     pub fn close_region(&self, id: u32, digest: [u8; 32]) -> Result<(), TransportError> {
-        let mut st = lock(&self.shared.state);
-        let Some(src) = st.sources.get(&id) else {
-            return Err(TransportError::Config(format!("no region {id}")));
+        let len = match lock(&self.shared.state).sources.get(&id) {
+            Some(src) => src.len(),
+            None => return Err(TransportError::Config(format!("no region {id}"))),
         };
-        let len = src.len();
-        let chunk = u64::from(self.shared.cfg.chunk);
+        let chunks = len.div_ceil(u64::from(self.shared.cfg.chunk));
+        self.close_with(id, chunks, len, digest)
+    }
+
+    fn close_with(
+        &self,
+        id: u32,
+        chunks: u64,
+        len: u64,
+        digest: [u8; 32],
+    ) -> Result<(), TransportError> {
+        let mut st = lock(&self.shared.state);
         let close = Close {
             region: id,
-            chunks: len.div_ceil(chunk),
+            chunks,
             len,
             digest,
         };
@@ -327,6 +385,84 @@ impl Sender {
             p.1 = Some(body);
         }
         Ok(())
+    }
+
+    /// Sends everything `reader` yields, to its end, as one ordered region
+    /// (a byte stream, which the receiver writes in order), and waits for
+    /// the receiver to confirm it; returns its length.
+    ///
+    /// Chunks are read on this thread and go out on every stream as they
+    /// are read; memory is bounded by the receiver's reorder window (it
+    /// blocks while that many bytes are unacknowledged).
+    pub fn send_stream(&self, meta: Vec<u8>, reader: &mut dyn Read) -> Result<u64, TransportError> {
+        let id = self.open(meta, None)?;
+        let result = self.stream_chunks(id, reader);
+        if result.is_err() {
+            // Nothing more of it is sent; the receiver discards it at BYE.
+            let mut st = lock(&self.shared.state);
+            st.ordered.remove(&id);
+            st.progress.remove(&id);
+        }
+        let (chunks, len, digest) = result?;
+        self.close_with(id, chunks, len, digest)?;
+        self.wait_region(id)?;
+        Ok(len)
+    }
+
+    /// Reads `reader` into chunks of ordered region `id`; returns their
+    /// count, total length and BLAKE3.
+    fn stream_chunks(
+        &self,
+        id: u32,
+        reader: &mut dyn Read,
+    ) -> Result<(u64, u64, [u8; 32]), TransportError> {
+        let chunk = self.shared.cfg.chunk as usize;
+        let window = u64::from(self.shared.welcome.reorder_units) * wire::REORDER_UNIT;
+        let mut hasher = blake3::Hasher::new();
+        let (mut seq, mut total) = (0u64, 0u64);
+        loop {
+            let mut buf = vec![0u8; chunk];
+            let n = read_full(reader, &mut buf)
+                .map_err(|e| TransportError::io(format!("reading the stream of region {id}"), e))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            hasher.update(&buf);
+            total += n as u64;
+            let n = n as u64;
+            let mut st = lock(&self.shared.state);
+            // Within the reorder window, or alone in it (a chunk larger
+            // than the window is always the next the receiver wants).
+            while st.failed.is_none() && st.reorder_used > 0 && st.reorder_used + n > window {
+                st = self
+                    .shared
+                    .cond
+                    .wait_timeout(st, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if let Some(f) = &st.failed {
+                return Err(TransportError::SessionLost(f.clone()));
+            }
+            let Some(q) = st.ordered.get_mut(&id) else {
+                return Err(TransportError::Config(format!("no ordered region {id}")));
+            };
+            q.push_back((seq, n, false));
+            st.reorder_used += n;
+            st.sched.add_chunk(id, seq, Arc::from(buf));
+            Metrics::add(&self.shared.metrics.bytes_in, n);
+            st.wake_all();
+            seq += 1;
+            if (n as usize) < chunk {
+                break;
+            }
+        }
+        let mut st = lock(&self.shared.state);
+        if let Some(p) = st.progress.get_mut(&id) {
+            p.1 = Some(total);
+        }
+        Ok((seq, total, *hasher.finalize().as_bytes()))
     }
 
     /// Waits until region `id` is placed and verified by the receiver.
@@ -660,6 +796,7 @@ async fn control_tasks(
         match outcome {
             Ok((r2, w2)) => {
                 Metrics::add(&shared.metrics.resumes, 1);
+                shared.events.emit([Event::Resumed]);
                 r = r2;
                 w = w2;
             }
@@ -692,16 +829,39 @@ async fn read_control(shared: &Arc<Shared>, r: &mut MsgReader) -> Result<(), Tra
             Kind::Done => {
                 let reason = Reason::decode(body).map_err(|e| wire_err(&peer, e))?;
                 let mut st = lock(&shared.state);
-                if let Some(slot) = st.done.get_mut(&reason.id) {
-                    *slot = Some(if reason.code == code::OK {
-                        Ok(())
-                    } else {
-                        Err(reason.text)
-                    });
+                let mut events = Vec::new();
+                if let Some(slot) = st.done.get_mut(&reason.id)
+                    && slot.is_none()
+                {
+                    let error = (reason.code != code::OK).then_some(reason.text);
+                    *slot = Some(error.clone().map_or(Ok(()), Err));
                     st.pending.remove(&reason.id);
+                    // A DONE may overtake the ACK of the region's last
+                    // chunks (they travel on other connections): a
+                    // verified region is complete, and its progress says so.
+                    if let Some((done, Some(len))) = st.progress.remove(&reason.id)
+                        && error.is_none()
+                        && done < len
+                    {
+                        events.push(Event::Progress {
+                            session: shared.session,
+                            region: reason.id,
+                            done: len,
+                            len: Some(len),
+                        });
+                    }
+                    if let Some(q) = st.ordered.remove(&reason.id) {
+                        st.reorder_used -= q.iter().map(|e| e.1).sum::<u64>();
+                    }
+                    events.push(Event::RegionDone {
+                        session: shared.session,
+                        region: reason.id,
+                        error,
+                    });
                 }
                 drop(st);
                 shared.cond.notify_all();
+                shared.events.emit(events);
             }
             Kind::Bye => {
                 lock(&shared.state).bye = true;
@@ -796,6 +956,16 @@ async fn stream_main(shared: Arc<Shared>, i: usize) {
             }
         }
         shared.cond.notify_all();
+        let failure = match &r {
+            Ok(true) => Some("its connection failed".to_string()),
+            Ok(false) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(reason) = failure {
+            shared
+                .events
+                .emit([Event::StreamFailed { stream: i, reason }]);
+        }
         match r {
             Ok(true) => {
                 // It worked, then failed: a failure, but a fresh one.
@@ -907,6 +1077,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
         st.sched.up(i);
         st.wake_all();
     }
+    shared.events.emit([Event::StreamUp { stream: i }]);
     let sock = w.stream().clone();
     let reader_done = Rc::new(Cell::new(false));
     let rd = reader_done.clone();
@@ -1060,12 +1231,33 @@ async fn ack_reader(
                 let mut st = lock(&shared.state);
                 let now = Instant::now();
                 let (mut n, mut wire) = (0, 0);
+                let mut touched = Vec::new();
                 for id in ids {
                     if let Some((c, w)) = st.sched.ack_wire(i, id) {
                         n += u64::from(c.len);
                         wire += w;
+                        acked(&mut st, &c);
+                        if !touched.contains(&c.region) {
+                            touched.push(c.region);
+                        }
                     }
                 }
+                let events: Vec<Event> = if shared.events.wanted() {
+                    touched
+                        .iter()
+                        .filter_map(|r| {
+                            let &(done, len) = st.progress.get(r)?;
+                            Some(Event::Progress {
+                                session: shared.session,
+                                region: *r,
+                                done,
+                                len,
+                            })
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 // The link's rate is what the codec's `auto` needs: wire
                 // bytes, not the application bytes they carried (which
                 // grow with the ratio and would make compression look
@@ -1075,6 +1267,7 @@ async fn ack_reader(
                 st.wake_all();
                 drop(st);
                 shared.cond.notify_all();
+                shared.events.emit(events);
             }
             Kind::Error => return Err(refused(body, &peer)),
             other => {
@@ -1088,6 +1281,42 @@ async fn ack_reader(
             }
         }
     }
+}
+
+/// Books the acknowledgement of chunk `c`: its region's progress and, for an
+/// ordered region, the reorder window it frees.
+fn acked(st: &mut State, c: &Chunk) {
+    if let Some(p) = st.progress.get_mut(&c.region) {
+        p.0 += u64::from(c.len);
+    }
+    if c.addressing != Addressing::Ordered {
+        return;
+    }
+    let Some(q) = st.ordered.get_mut(&c.region) else {
+        return;
+    };
+    if let Some(e) = q.iter_mut().find(|e| e.0 == c.offset) {
+        e.2 = true;
+    }
+    while let Some(&(_, n, true)) = q.front() {
+        q.pop_front();
+        st.reorder_used -= n;
+    }
+}
+
+/// Fills `buf` from `reader` as far as it goes; returns the bytes read
+/// (less than `buf.len()` only at the end of the stream).
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// `auto` stream count: every step, when acknowledged throughput grew by

@@ -23,6 +23,8 @@ pub const DEFAULT_WINDOW: u32 = 4 << 20;
 pub const MAX_STREAMS: u16 = 64;
 /// Largest chunk a receiver accepts by default (and at most).
 pub const MAX_CHUNK: u32 = 16 << 20;
+/// Default reorder window of a receiver's ordered regions: 64 MiB.
+pub const DEFAULT_REORDER: u64 = 64 << 20;
 
 /// How many data streams a sender opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,9 @@ pub struct ReceiverConfig {
     /// A connection that sends nothing for this long while a message is
     /// expected is closed.
     pub idle_timeout: Duration,
+    /// Chunk bytes of ordered regions a session may hold out of order
+    /// (rounded down to 64 KiB, at most 4 GiB); 0 refuses ordered regions.
+    pub reorder_bytes: u64,
 }
 
 impl Default for ReceiverConfig {
@@ -113,6 +118,7 @@ impl Default for ReceiverConfig {
             grace: Duration::from_secs(30),
             max_sessions: 64,
             idle_timeout: Duration::from_secs(60),
+            reorder_bytes: DEFAULT_REORDER,
         }
     }
 }
@@ -217,8 +223,10 @@ impl Source for FileSource {
 pub struct RegionInfo {
     /// Its id in the session.
     pub region: u32,
-    /// Its length.
-    pub len: u64,
+    /// Its length; `None` for an ordered region (a byte stream), whose
+    /// length is known only when it ends and whose bytes are written in
+    /// order, each write starting where the previous one ended.
+    pub len: Option<u64>,
     /// The sender's metadata (for files, see `files::FileMeta`).
     pub meta: Vec<u8>,
 }
@@ -229,15 +237,126 @@ pub trait Sink: Send + Sync + 'static {
     fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String>;
 }
 
-/// Places the chunks of one region; called from any core, in any order.
+/// Places the chunks of one region; called from any core, in any order
+/// (in order, one write at a time, for an ordered region).
 pub trait RegionWriter: Send + Sync {
     /// Writes `data` at `offset` (inside the region, checked by the caller).
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String>;
-    /// Every chunk is placed: check the whole region against `digest`
-    /// (BLAKE3) and make it visible; an error discards it.
-    fn finish(&self, digest: &[u8; 32]) -> Result<(), String>;
+    /// Every chunk is placed and the region is `len` bytes long (what
+    /// `OPEN` said, or for an ordered region everything written): check
+    /// the whole region against `digest` (BLAKE3) and make it visible; an
+    /// error discards it.
+    fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String>;
     /// The region will never finish (session ended or failed): discard it.
     fn abort(&self);
+}
+
+/// Something that happened in a session, as told to an event callback
+/// ([`crate::Sender::on_event`], [`crate::Receiver::on_event`]).
+///
+/// Callbacks run on the session's threads (engine workers among them), one
+/// at a time and never under a lock of the session's state: they may read
+/// its metrics, but should return quickly, as the session waits for them,
+/// and must not block on the session (`wait_region`, `close`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// More of a region is done: `done` bytes acknowledged (sender) or
+    /// placed (receiver), of `len` (`None` while an ordered region's length
+    /// is not known).
+    Progress {
+        /// The session.
+        session: [u8; 16],
+        /// The region.
+        region: u32,
+        /// Bytes done so far.
+        done: u64,
+        /// Its length, when known.
+        len: Option<u64>,
+    },
+    /// A region is finished: verified and handed over by the receiver, or
+    /// failed (`error`).
+    RegionDone {
+        /// The session.
+        session: [u8; 16],
+        /// The region.
+        region: u32,
+        /// Why it failed; `None` when it was verified.
+        error: Option<String>,
+    },
+    /// Data stream `stream` is up (sender).
+    StreamUp {
+        /// Its index.
+        stream: usize,
+    },
+    /// Data stream `stream` failed (sender); what it held goes out on the
+    /// others and it connects again.
+    StreamFailed {
+        /// Its index.
+        stream: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The sender got the session back after its control stream failed.
+    Resumed,
+}
+
+/// An event callback.
+pub type EventFn = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Where a session's events go: one callback, settable at any time.
+///
+/// Events are made on several threads; they reach the callback one at a
+/// time, and a region's progress only ever grows (a figure overtaken by a
+/// later one made on another thread is dropped).
+#[derive(Default)]
+pub(crate) struct Events {
+    f: Mutex<Option<EventFn>>,
+    /// Held while the callback runs; the last progress told per
+    /// `(session, region)` until its `RegionDone`.
+    dispatch: Mutex<std::collections::HashMap<([u8; 16], u32), u64>>,
+}
+
+impl Events {
+    pub(crate) fn set(&self, f: EventFn) {
+        *lock(&self.f) = Some(f);
+    }
+
+    /// Tells the callback, if any, every event of `events`. Call without
+    /// holding any lock of the session.
+    pub(crate) fn emit(&self, events: impl IntoIterator<Item = Event>) {
+        let Some(f) = lock(&self.f).clone() else {
+            return;
+        };
+        let mut told = lock(&self.dispatch);
+        for e in events {
+            match &e {
+                Event::Progress {
+                    session,
+                    region,
+                    done,
+                    ..
+                } => {
+                    let last = told.entry((*session, *region)).or_insert(0);
+                    if *done <= *last {
+                        continue;
+                    }
+                    *last = *done;
+                }
+                Event::RegionDone {
+                    session, region, ..
+                } => {
+                    told.remove(&(*session, *region));
+                }
+                _ => {}
+            }
+            f(&e);
+        }
+    }
+
+    /// Whether anyone listens (to skip building events for no one).
+    pub(crate) fn wanted(&self) -> bool {
+        lock(&self.f).is_some()
+    }
 }
 
 /// Counters of a session, readable while it runs.

@@ -37,14 +37,17 @@ const READ_PIECE: u64 = 1 << 20;
 /// Chaining values of a region's pieces, recorded as they are placed.
 #[derive(Debug)]
 pub struct PieceDigest {
-    len: u64,
+    /// The region's length when known in advance; an ordered region's is
+    /// known only at `finish`.
+    len: Option<u64>,
     /// `(offset, length)` of a subtree to its chaining value.
     pieces: Mutex<HashMap<(u64, u64), ChainingValue>>,
 }
 
 impl PieceDigest {
-    /// An empty record for a region of `len` bytes.
-    pub fn new(len: u64) -> Self {
+    /// An empty record for a region of `len` bytes (`None`: not known
+    /// until [`PieceDigest::finish`]; only aligned pieces are recorded).
+    pub fn new(len: Option<u64>) -> Self {
         PieceDigest {
             len,
             pieces: Mutex::new(HashMap::new()),
@@ -58,18 +61,18 @@ impl PieceDigest {
     /// the root, not a chaining value) is left to [`PieceDigest::finish`].
     pub fn record(&self, offset: u64, data: &[u8]) {
         let n = data.len() as u64;
-        if n < MIN_PIECE.min(self.len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64)
-        {
+        let len = self.len.unwrap_or(u64::MAX);
+        if n < MIN_PIECE.min(len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64) {
             return;
         }
         let Some(end) = offset.checked_add(n) else {
             return;
         };
-        if end > self.len || (offset == 0 && end == self.len) {
+        if end > len || (offset == 0 && end == len) {
             return;
         }
         let aligned = n.is_power_of_two() && offset.is_multiple_of(n);
-        let tail = end == self.len && max_subtree_len(offset).is_none_or(|max| n <= max);
+        let tail = end == len && max_subtree_len(offset).is_none_or(|max| n <= max);
         if !(aligned || tail) {
             return;
         }
@@ -86,23 +89,31 @@ impl PieceDigest {
         }
     }
 
-    /// The BLAKE3 hash of the whole region: recorded pieces where they fit
-    /// the tree, `read(offset, buf)` (filling `buf` from the region's bytes
-    /// at `offset`) for the rest.
+    /// The BLAKE3 hash of the whole region of `len` bytes: recorded pieces
+    /// where they fit the tree, `read(offset, buf)` (filling `buf` from
+    /// the region's bytes at `offset`) for the rest. A `len` other than the
+    /// one given to [`PieceDigest::new`] is an error.
     pub fn finish(
         &self,
+        len: u64,
         mut read: impl FnMut(u64, &mut [u8]) -> Result<(), String>,
     ) -> Result<blake3::Hash, String> {
+        if self.len.is_some_and(|l| l != len) {
+            return Err(format!(
+                "region is {len} bytes long, {} were announced",
+                self.len.unwrap_or(0)
+            ));
+        }
         let pieces = std::mem::take(&mut *lock(&self.pieces));
-        if self.len <= blake3::CHUNK_LEN as u64 {
-            let mut buf = vec![0u8; self.len as usize];
+        if len <= blake3::CHUNK_LEN as u64 {
+            let mut buf = vec![0u8; len as usize];
             read(0, &mut buf)?;
             return Ok(blake3::hash(&buf));
         }
         let mut buf = Vec::new();
-        let left = left_subtree_len(self.len);
+        let left = left_subtree_len(len);
         let l = node(&pieces, 0, left, &mut read, &mut buf)?;
-        let r = node(&pieces, left, self.len - left, &mut read, &mut buf)?;
+        let r = node(&pieces, left, len - left, &mut read, &mut buf)?;
         Ok(merge_subtrees_root(&l, &r, Mode::Hash))
     }
 }
@@ -146,7 +157,16 @@ mod tests {
     /// Records `data` cut into `chunk`-byte pieces (in a scrambled order),
     /// then finishes with reads that count what they read.
     fn assembled(data: &[u8], chunk: usize, skip_every: usize) -> (blake3::Hash, u64) {
-        let d = PieceDigest::new(data.len() as u64);
+        assembled_as(data, chunk, skip_every, Some(data.len() as u64))
+    }
+
+    fn assembled_as(
+        data: &[u8],
+        chunk: usize,
+        skip_every: usize,
+        announced: Option<u64>,
+    ) -> (blake3::Hash, u64) {
+        let d = PieceDigest::new(announced);
         let count = data.len().div_ceil(chunk.max(1));
         for k in (0..count).rev().chain(0..count) {
             if skip_every > 0 && k % skip_every == 0 {
@@ -157,7 +177,7 @@ mod tests {
         }
         let mut read = 0u64;
         let h = d
-            .finish(|off, buf| {
+            .finish(data.len() as u64, |off, buf| {
                 read += buf.len() as u64;
                 buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
                 Ok(())
@@ -204,8 +224,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_length_records_aligned_pieces_and_checks_nothing_else() {
+        let data = bytes((5 << 20) + 4321, 9);
+        let (h, read) = assembled_as(&data, 1 << 20, 0, None);
+        assert_eq!(h, blake3::hash(&data));
+        // Only the tail (not recordable without the length) is read back.
+        assert!(read <= 4321 + (1 << 20), "{read}");
+        let d = PieceDigest::new(Some(10));
+        assert!(d.finish(11, |_, _| Ok(())).is_err(), "length mismatch");
+    }
+
+    #[test]
     fn hostile_offsets_are_ignored() {
-        let d = PieceDigest::new(4 << 20);
+        let d = PieceDigest::new(Some(4 << 20));
         let piece = bytes(1 << 20, 0);
         d.record(u64::MAX - 10, &piece);
         d.record(3 << 20 | 512, &piece);
@@ -225,6 +256,8 @@ mod tests {
         ) {
             let data = bytes(len, seed);
             let (h, _) = assembled(&data, 1 << chunk_log, skip);
+            prop_assert_eq!(h, blake3::hash(&data));
+            let (h, _) = assembled_as(&data, 1 << chunk_log, skip, None);
             prop_assert_eq!(h, blake3::hash(&data));
         }
     }

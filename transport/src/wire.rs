@@ -414,7 +414,15 @@ pub struct Welcome {
     pub grace_ms: u32,
     /// Most data streams the receiver accepts.
     pub max_streams: u16,
+    /// Reorder window of ordered regions, in units of
+    /// [`REORDER_UNIT`] bytes: how far, in chunk bytes, the sender may run
+    /// ahead of the oldest chunk of its ordered regions that is not yet
+    /// acknowledged. 0: this receiver takes no ordered regions.
+    pub reorder_units: u16,
 }
+
+/// Unit of [`Welcome::reorder_units`]: 64 KiB.
+pub const REORDER_UNIT: u64 = 64 * 1024;
 
 /// Length of a `WELCOME` body (without tag).
 pub const WELCOME_LEN: usize = 4 + 4 + 4 + 2 + 2;
@@ -427,7 +435,7 @@ impl Welcome {
         b.extend_from_slice(&self.max_chunk.to_le_bytes());
         b.extend_from_slice(&self.grace_ms.to_le_bytes());
         b.extend_from_slice(&self.max_streams.to_le_bytes());
-        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&self.reorder_units.to_le_bytes());
         b
     }
 
@@ -439,8 +447,8 @@ impl Welcome {
             max_chunk: r.u32()?,
             grace_ms: r.u32()?,
             max_streams: r.u16()?,
+            reorder_units: r.u16()?,
         };
-        r.zeros(2)?;
         r.end()?;
         if w.window == 0 || w.max_chunk == 0 || w.max_streams == 0 {
             return Err(WireError::Invalid(
@@ -874,6 +882,7 @@ mod tests {
             max_chunk: 1 << 20,
             grace_ms: 30_000,
             max_streams: 64,
+            reorder_units: 1024,
         };
         assert_eq!(Welcome::decode(&w.encode()).unwrap(), w);
         let r = Reason {

@@ -534,3 +534,184 @@ fn a_restarted_receiver_fails_the_session_with_a_reason_and_holds_nothing() {
         recv2.close().unwrap();
     });
 }
+
+/// A reader that hands out `data` in short, uneven reads, as a pipe does.
+struct Trickle {
+    data: Arc<[u8]>,
+    at: usize,
+    step: usize,
+}
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step * 7 % 65521 + 1;
+        let n = buf.len().min(self.step).min(self.data[..].len() - self.at);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_byte_stream_arrives_in_order_with_progress_events() {
+    bounded(Duration::from_secs(60), || {
+        let key = Key::generate().unwrap();
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let sink = MemorySink::new(1 << 30);
+        // A reorder window of 1 MiB: four chunks of 256 KiB, shared by
+        // four streams; the sender must keep within it.
+        let cfg = ReceiverConfig {
+            key: Some(key.clone()),
+            reorder_bytes: 1 << 20,
+            ..ReceiverConfig::default()
+        };
+        let recv = Receiver::bind(
+            &rx_engine,
+            "127.0.0.1:0".parse().unwrap(),
+            cfg,
+            sink.handle(),
+        )
+        .unwrap();
+        let placed = Arc::new(Mutex::new(Vec::new()));
+        let p = placed.clone();
+        recv.on_event(move |e| p.lock().unwrap().push(e.clone()));
+        let s = Sender::connect(&tx_engine, recv.local_addr(), sender_cfg(Some(key), 4)).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        s.on_event(move |e| ev.lock().unwrap().push(e.clone()));
+        let want = data((9 << 20) + 777, 5);
+        let mut reader = Trickle {
+            data: want.clone(),
+            at: 0,
+            step: 1,
+        };
+        let n = s.send_stream(b"pipe".to_vec(), &mut reader).unwrap();
+        assert_eq!(n, want[..].len() as u64);
+        // An empty stream is a region of no bytes.
+        assert_eq!(
+            s.send_stream(b"none".to_vec(), &mut std::io::empty())
+                .unwrap(),
+            0
+        );
+        s.close().unwrap();
+        let done = received(&sink);
+        assert_eq!(done.len(), 2);
+        assert_eq!(&done[0].0[..], b"pipe");
+        assert!(
+            done[0].1 == want[..],
+            "the stream arrived intact and in order"
+        );
+        assert!(done[1].1.is_empty());
+        let events = events.lock().unwrap();
+        let mut last = 0;
+        for e in events.iter() {
+            if let dwcp_transport::Event::Progress {
+                region: 0, done, ..
+            } = e
+            {
+                assert!(*done > last, "progress only grows");
+                last = *done;
+            }
+        }
+        assert_eq!(last, want[..].len() as u64);
+        assert!(events.iter().any(|e| matches!(
+            e,
+            dwcp_transport::Event::RegionDone {
+                region: 0,
+                error: None,
+                ..
+            }
+        )));
+        let placed = placed.lock().unwrap();
+        assert!(placed.iter().any(|e| matches!(
+            e,
+            dwcp_transport::Event::RegionDone {
+                region: 0,
+                error: None,
+                ..
+            }
+        )));
+        assert!(placed.iter().any(|e| matches!(
+            e,
+            dwcp_transport::Event::Progress {
+                region: 0,
+                len: None,
+                ..
+            }
+        )));
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn a_byte_stream_survives_a_cut_stream() {
+    bounded(Duration::from_secs(60), || {
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let key = Key::generate().unwrap();
+        let (recv, sink) = receiver(&rx_engine, Some(key.clone()));
+        let s = Arc::new(
+            Sender::connect(&tx_engine, recv.local_addr(), sender_cfg(Some(key), 3)).unwrap(),
+        );
+        let failed = Arc::new(AtomicU64::new(0));
+        let f = failed.clone();
+        s.on_event(move |e| {
+            if let dwcp_transport::Event::StreamFailed { stream: 1, .. } = e {
+                f.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let want = data(24 << 20, 9);
+        let killer = {
+            let s = s.clone();
+            thread::spawn(move || {
+                while s.metrics().bytes_acked < 4 << 20 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                assert!(s.reset_stream(1));
+            })
+        };
+        let mut reader = &want[..];
+        assert_eq!(
+            s.send_stream(Vec::new(), &mut reader).unwrap(),
+            want[..].len() as u64
+        );
+        killer.join().unwrap();
+        let s = Arc::into_inner(s).unwrap();
+        let m = s.close().unwrap();
+        assert!(m.stream_failures >= 1, "{m:?}");
+        assert!(failed.load(Ordering::Relaxed) >= 1, "the failure was told");
+        let done = received(&sink);
+        assert!(done[0].1 == want[..]);
+        recv.close().unwrap();
+    });
+}
+
+#[test]
+fn a_receiver_without_a_reorder_window_refuses_byte_streams_clearly() {
+    bounded(Duration::from_secs(30), || {
+        let (rx_engine, tx_engine) = (engine(), engine());
+        let sink = MemorySink::new(1 << 20);
+        let cfg = ReceiverConfig {
+            key: None,
+            reorder_bytes: 0,
+            ..ReceiverConfig::default()
+        };
+        let recv = Receiver::bind(
+            &rx_engine,
+            "127.0.0.1:0".parse().unwrap(),
+            cfg,
+            sink.handle(),
+        )
+        .unwrap();
+        let s = Sender::connect(&tx_engine, recv.local_addr(), sender_cfg(None, 2)).unwrap();
+        let e = s
+            .send_stream(Vec::new(), &mut &b"abc"[..])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no ordered regions"), "{e}");
+        // The session goes on.
+        s.send_region(Vec::new(), Arc::new(b"abc".to_vec()))
+            .unwrap();
+        s.close().unwrap();
+        recv.close().unwrap();
+    });
+}

@@ -546,7 +546,8 @@ pub const HOSTILE_OFFSETS: [fn(u64) -> u64; 8] = [
 /// ([`region_shape`]), a byte seeding its content, then writes
 /// ([`write_op`]) recorded in input order, each with the region's true bytes
 /// when it lies inside the region and with [`junk`] otherwise (the contract
-/// of `record`: its data is what was written there). `finish`, reading the
+/// of `record`: its data is what was written there); an odd content byte
+/// leaves the length unannounced until `finish`. `finish`, reading the
 /// true bytes, must give `blake3::hash` of the region, read only inside it,
 /// at most its length in all; and a failing reader's error must reach the
 /// caller.
@@ -554,8 +555,10 @@ pub fn tree_digest(data: &[u8]) {
     let mut inp = Input::new(data);
     let len = region_len(&mut inp);
     let mut region = vec![0u8; len as usize];
-    Rng::new(u64::from(inp.u8())).fill_bytes(&mut region);
-    let d = PieceDigest::new(len);
+    let seed = inp.u8();
+    Rng::new(u64::from(seed)).fill_bytes(&mut region);
+    // An odd seed digests it as an ordered region (length known at the end).
+    let d = PieceDigest::new((seed & 1 == 0).then_some(len));
     let mut budget = MAX_RECORDED;
     for _ in 0..MAX_WRITES {
         if inp.is_empty() {
@@ -574,7 +577,7 @@ pub fn tree_digest(data: &[u8]) {
     }
     let mut read = 0u64;
     let got = d
-        .finish(|offset, buf| {
+        .finish(len, |offset, buf| {
             let end = offset
                 .checked_add(buf.len() as u64)
                 .filter(|&end| end <= len)
@@ -600,7 +603,7 @@ pub fn tree_digest(data: &[u8]) {
     );
     // The pieces are spent: a second finish reads, and a reader's error
     // reaches the caller.
-    let e = d.finish(|_, _| Err("reader failed".to_string()));
+    let e = d.finish(len, |_, _| Err("reader failed".to_string()));
     assert_eq!(e, Err("reader failed".to_string()));
 }
 

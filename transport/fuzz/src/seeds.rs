@@ -57,6 +57,7 @@ pub fn welcome() -> Welcome {
         max_chunk: 1 << 20,
         grace_ms: 30_000,
         max_streams: 64,
+        reorder_units: 1024,
     }
 }
 
