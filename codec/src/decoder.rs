@@ -3,7 +3,10 @@
 use crate::Compression;
 use crate::baseline::Baseline;
 use crate::compress::Decompressors;
-use crate::frame::{FrameHeader, FrameKind, HEADER_LEN, verify};
+use crate::frame::{
+    CHECKSUM_LEN, CHUNK_MIN_VERSION, ChunkDigest, FLAG_KEYED, FrameHeader, FrameKind, HEADER_LEN,
+    VERSION, chunk_checksum, verify,
+};
 use crate::store::Store;
 use crate::table::{self, Entry, EntryKind};
 use crate::{CodecConfig, CodecError, DecodeError, FrameStats, delta};
@@ -423,11 +426,58 @@ impl Decoder {
     /// valid until the next call. Chunks use no state and can arrive in any
     /// order.
     pub fn decode_chunk<'a>(&'a mut self, frame: &'a [u8]) -> Result<(u64, &'a [u8]), DecodeError> {
-        let h = self.check_frame(frame, FrameKind::Chunk)?;
+        self.decode_chunk_at(frame, None)
+            .map(|(seq, bytes, _)| (seq, bytes))
+    }
+
+    /// [`Decoder::decode_chunk`] of a chunk encoded with
+    /// [`crate::Encoder::encode_chunk_at`] at `offset`: also returns the
+    /// digest its checksum was checked against (the BLAKE3 subtree of its
+    /// bytes at that offset, when it can be one).
+    ///
+    /// The payload is decompressed (within the limits) before the checksum
+    /// is checked, since the checksum covers the decoded bytes; nothing is
+    /// returned unless it matches.
+    pub fn decode_chunk_at<'a>(
+        &'a mut self,
+        frame: &'a [u8],
+        offset: Option<u64>,
+    ) -> Result<(u64, &'a [u8], ChunkDigest), DecodeError> {
+        if frame.len() as u64 > self.limits.max_frame_len {
+            return Err(DecodeError::OverLimit {
+                what: "frame length",
+                value: frame.len() as u64,
+                limit: self.limits.max_frame_len,
+            });
+        }
+        let h = FrameHeader::parse(frame)?;
+        if h.kind != FrameKind::Chunk {
+            return Err(DecodeError::WrongFrameKind {
+                expected: FrameKind::Chunk.name(),
+                found: h.kind.name(),
+            });
+        }
+        if h.version < CHUNK_MIN_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                found: h.version,
+                min: CHUNK_MIN_VERSION,
+                max: VERSION,
+            });
+        }
+        let keyed = h.flags & FLAG_KEYED != 0;
+        if keyed != self.key.is_some() {
+            return Err(DecodeError::KeyMismatch { frame_keyed: keyed });
+        }
+        if u64::from(h.raw_len) > self.limits.max_raw_len {
+            return Err(DecodeError::OverLimit {
+                what: "payload length",
+                value: u64::from(h.raw_len),
+                limit: self.limits.max_raw_len,
+            });
+        }
         let n = h.raw_len as usize;
         let payload = &frame[HEADER_LEN..HEADER_LEN + h.payload_len as usize];
-        if h.compression == Compression::Stored {
-            // Verified already: the bytes are the payload itself, no copy.
+        let bytes: &[u8] = if h.compression == Compression::Stored {
             if payload.len() != n {
                 return Err(DecodeError::LengthMismatch {
                     what: "stored payload length",
@@ -435,14 +485,28 @@ impl Decoder {
                     actual: payload.len() as u64,
                 });
             }
-            return Ok((h.seq, payload));
+            // The bytes are the payload itself: no copy.
+            payload
+        } else {
+            // Every decompressor fills all `n` bytes or fails, so what a
+            // previous chunk left in the buffer is never returned: no
+            // clearing.
+            self.chunk.resize(n, 0);
+            self.decomp
+                .decompress(h.compression, payload, &mut self.chunk)?;
+            &self.chunk
+        };
+        let digest = ChunkDigest::of(bytes, offset);
+        let split = frame.len() - CHECKSUM_LEN;
+        let mut expected = [0u8; CHECKSUM_LEN];
+        expected.copy_from_slice(&frame[split..]);
+        // blake3::Hash compares in constant time.
+        if chunk_checksum(self.key.as_ref(), &frame[..HEADER_LEN], &digest)
+            != blake3::Hash::from_bytes(expected)
+        {
+            return Err(DecodeError::BadChecksum);
         }
-        // Every decompressor fills all `n` bytes or fails, so what a
-        // previous chunk left in the buffer is never returned: no clearing.
-        self.chunk.resize(n, 0);
-        self.decomp
-            .decompress(h.compression, payload, &mut self.chunk)?;
-        Ok((h.seq, &self.chunk))
+        Ok((h.seq, bytes, digest))
     }
 
     /// Header, limits, kind and checksum.
@@ -455,13 +519,14 @@ impl Decoder {
             });
         }
         let h = FrameHeader::parse(frame)?;
-        verify(self.key.as_ref(), &h, frame)?;
+        // The kind first: a chunk frame's checksum is not over its body.
         if h.kind != kind {
             return Err(DecodeError::WrongFrameKind {
                 expected: kind.name(),
                 found: h.kind.name(),
             });
         }
+        verify(self.key.as_ref(), &h, frame)?;
         if u64::from(h.raw_len) > self.limits.max_raw_len {
             return Err(DecodeError::OverLimit {
                 what: "payload length",

@@ -3,7 +3,8 @@
 use crate::baseline::BaselineAdvert;
 use crate::compress::{Compressors, Estimate, Method, bound};
 use crate::frame::{
-    CHECKSUM_LEN, FLAG_KEYED, FrameHeader, FrameKind, HEADER_LEN, VERSION, checksum,
+    CHECKSUM_LEN, ChunkDigest, FLAG_KEYED, FrameHeader, FrameKind, HEADER_LEN, VERSION, checksum,
+    chunk_checksum,
 };
 use crate::store::{FastMap, Store};
 use crate::table::{self, Entry, EntryKind};
@@ -368,6 +369,21 @@ impl Encoder {
         seq: u64,
         out: &mut [u8],
     ) -> Result<FrameStats, CodecError> {
+        self.encode_chunk_at(data, seq, None, out).map(|(s, _)| s)
+    }
+
+    /// [`Encoder::encode_chunk_into`] for a chunk that lies at `offset` of
+    /// its region: its checksum covers the BLAKE3 subtree of its bytes at
+    /// that offset, which is returned too, so the caller can assemble the
+    /// region's digest without hashing again. The decoder must be given the
+    /// same offset.
+    pub fn encode_chunk_at(
+        &mut self,
+        data: &[u8],
+        seq: u64,
+        offset: Option<u64>,
+        out: &mut [u8],
+    ) -> Result<(FrameStats, ChunkDigest), CodecError> {
         if data.len() > MAX_FRAME_INPUT {
             return Err(CodecError::InvalidInput(format!(
                 "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
@@ -399,14 +415,18 @@ impl Encoder {
         };
         header.write(&mut out[..HEADER_LEN]);
         let body = HEADER_LEN + n;
-        let sum = checksum(self.key.as_ref(), &out[..body]);
+        let digest = ChunkDigest::of(data, offset);
+        let sum = chunk_checksum(self.key.as_ref(), &out[..HEADER_LEN], &digest);
         out[body..body + CHECKSUM_LEN].copy_from_slice(sum.as_bytes());
-        Ok(FrameStats {
-            input_bytes: data.len() as u64,
-            frame_bytes: (body + CHECKSUM_LEN) as u64,
-            compression: Some(compression),
-            ..FrameStats::default()
-        })
+        Ok((
+            FrameStats {
+                input_bytes: data.len() as u64,
+                frame_bytes: (body + CHECKSUM_LEN) as u64,
+                compression: Some(compression),
+                ..FrameStats::default()
+            },
+            digest,
+        ))
     }
 
     /// [`Encoder::encode_chunk_into`] into a `Vec`, which is cleared first.

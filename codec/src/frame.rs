@@ -7,9 +7,14 @@ use crate::{Compression, DecodeError};
 /// The four magic bytes that open every frame.
 pub const MAGIC: [u8; 4] = *b"HDE\x1f";
 /// The format version this crate writes.
-pub const VERSION: u8 = 1;
-/// The oldest format version this crate reads.
+pub const VERSION: u8 = 2;
+/// The oldest format version this crate reads (page frames; chunk frames
+/// need [`CHUNK_MIN_VERSION`]).
 pub const MIN_VERSION: u8 = 1;
+/// The oldest version of a chunk frame this crate reads: version 2 made
+/// the chunk checksum cover the decoded bytes through their BLAKE3 digest
+/// (see [`chunk_checksum`]).
+pub const CHUNK_MIN_VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 40;
 /// Length of the trailing checksum.
@@ -210,6 +215,75 @@ pub(crate) fn checksum(key: Option<&SessionKey>, body: &[u8]) -> blake3::Hash {
         Some(k) => blake3::keyed_hash(&k.0, body),
         None => blake3::hash(body),
     }
+}
+
+/// The BLAKE3 digest of a chunk's decoded bytes, as its checksum covers
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkDigest {
+    /// The chaining value of the bytes as the BLAKE3 subtree that starts at
+    /// byte `offset` of their region (`blake3::hazmat`): a region's digest
+    /// is assembled from these without hashing its bytes again.
+    Subtree {
+        /// Where the chunk starts in its region.
+        offset: u64,
+        /// The chaining value.
+        cv: [u8; 32],
+    },
+    /// `blake3::hash` of the bytes: a chunk with no place in a region's
+    /// tree (no offset given, or one that cannot start a subtree that long).
+    Whole([u8; 32]),
+}
+
+impl ChunkDigest {
+    /// The digest of `data`, placed at `offset` of its region when given.
+    pub fn of(data: &[u8], offset: Option<u64>) -> ChunkDigest {
+        use blake3::hazmat::{HasherExt, max_subtree_len};
+        match offset {
+            Some(offset)
+                if !data.is_empty()
+                    && offset.is_multiple_of(blake3::CHUNK_LEN as u64)
+                    && max_subtree_len(offset).is_none_or(|max| data.len() as u64 <= max) =>
+            {
+                let cv = blake3::Hasher::new()
+                    .set_input_offset(offset)
+                    .update(data)
+                    .finalize_non_root();
+                ChunkDigest::Subtree { offset, cv }
+            }
+            _ => ChunkDigest::Whole(*blake3::hash(data).as_bytes()),
+        }
+    }
+}
+
+/// The checksum of a chunk frame (version 2): keyed (or plain) BLAKE3 of
+/// its 40-byte header, a form byte (1 subtree, 0 whole), the offset (0 for
+/// whole) and the digest of its *decoded* bytes. The payload is covered
+/// through what it decodes to, so each side hashes the bytes once and the
+/// same digest serves the region's end-to-end check.
+pub(crate) fn chunk_checksum(
+    key: Option<&SessionKey>,
+    header: &[u8],
+    digest: &ChunkDigest,
+) -> blake3::Hash {
+    let mut h = match key {
+        Some(k) => blake3::Hasher::new_keyed(&k.0),
+        None => blake3::Hasher::new(),
+    };
+    h.update(header);
+    match digest {
+        ChunkDigest::Subtree { offset, cv } => {
+            h.update(&[1]);
+            h.update(&offset.to_le_bytes());
+            h.update(cv);
+        }
+        ChunkDigest::Whole(d) => {
+            h.update(&[0]);
+            h.update(&0u64.to_le_bytes());
+            h.update(d);
+        }
+    }
+    h.finalize()
 }
 
 /// Checks the trailing checksum of a whole frame whose header is `h`, and

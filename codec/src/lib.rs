@@ -72,7 +72,7 @@ pub use encoder::{
     Encoder, FrameStats, MAX_FRAME_INPUT, PageRef, max_chunk_frame_len, max_page_frame_len,
 };
 pub use error::{CodecError, DecodeError};
-pub use frame::SessionKey;
+pub use frame::{ChunkDigest, SessionKey};
 pub use page::{
     ContentHash, PAGE_SIZE, PageSize, count_zero_pages, fingerprint, is_zero, signature,
 };

@@ -2,8 +2,8 @@
 //! state evolving over many frames on both sides; corruption and misuse.
 
 use dwcp_codec::{
-    Baseline, CodecConfig, DecodeError, DecodedPage, Decoder, Encoder, PageRef, PageSize, Policy,
-    SessionKey,
+    Baseline, ChunkDigest, CodecConfig, DecodeError, DecodedPage, Decoder, Encoder, PageRef,
+    PageSize, Policy, SessionKey,
 };
 use proptest::prelude::*;
 
@@ -455,4 +455,65 @@ fn frames_over_the_input_limit_are_refused_and_change_nothing() {
     enc.encode_pages(&pages[..1], &mut f).unwrap();
     let mut dec = Decoder::new(&big);
     assert_eq!(dec.decode_pages(&f).unwrap().stats.raw, 1);
+}
+
+#[test]
+fn a_chunk_placed_at_an_offset_is_bound_to_it_and_yields_its_subtree() {
+    let config = CodecConfig {
+        key: Some(SessionKey([3; 32])),
+        ..CodecConfig::default()
+    };
+    let data: Vec<u8> = (0..(64 << 10)).map(|i| (i * 7 % 253) as u8).collect();
+    for policy in [Policy::Stored, Policy::Datacenter] {
+        let mut enc = Encoder::new(&config, policy).unwrap();
+        let mut dec = Decoder::new(&config);
+        let mut f = vec![0u8; dwcp_codec::max_chunk_frame_len(data.len())];
+        let (stats, digest) = enc
+            .encode_chunk_at(&data, 5, Some(1 << 20), &mut f)
+            .unwrap();
+        f.truncate(stats.frame_bytes as usize);
+        let ChunkDigest::Subtree { offset, cv } = digest else {
+            panic!("an aligned chunk is a subtree: {digest:?}");
+        };
+        assert_eq!(offset, 1 << 20);
+        {
+            use blake3::hazmat::HasherExt;
+            let want = blake3::Hasher::new()
+                .set_input_offset(1 << 20)
+                .update(&data)
+                .finalize_non_root();
+            assert_eq!(cv, want);
+        }
+        let (seq, got, d) = dec.decode_chunk_at(&f, Some(1 << 20)).unwrap();
+        assert_eq!((seq, got, d), (5, &data[..], digest));
+        // Another offset, or none, is another checksum.
+        assert!(matches!(
+            dec.decode_chunk_at(&f, Some(2 << 20)),
+            Err(DecodeError::BadChecksum)
+        ));
+        assert!(matches!(
+            dec.decode_chunk(&f),
+            Err(DecodeError::BadChecksum)
+        ));
+        // A version-1 chunk frame (whose checksum meant something else) is
+        // refused by version.
+        let mut old = f.clone();
+        old[4] = 1;
+        assert!(matches!(
+            dec.decode_chunk_at(&old, Some(1 << 20)),
+            Err(DecodeError::UnsupportedVersion { found: 1, .. })
+        ));
+    }
+    // An offset that cannot start a subtree that long falls back to the
+    // whole-chunk hash, at both ends.
+    let mut enc = Encoder::new(&config, Policy::Stored).unwrap();
+    let mut f = vec![0; dwcp_codec::max_chunk_frame_len(data.len())];
+    let (stats, d) = enc.encode_chunk_at(&data, 1, Some(4096), &mut f).unwrap();
+    f.truncate(stats.frame_bytes as usize);
+    assert_eq!(d, ChunkDigest::Whole(*blake3::hash(&data).as_bytes()));
+    assert!(
+        Decoder::new(&config)
+            .decode_chunk_at(&f, Some(4096))
+            .is_ok()
+    );
 }

@@ -263,6 +263,19 @@ impl RegionWriter for FileRegion {
         Ok(())
     }
 
+    fn write_digested(
+        &self,
+        offset: u64,
+        data: &[u8],
+        digest: &dwcp_codec::ChunkDigest,
+    ) -> Result<(), String> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| format!("writing {}: {e}", self.tmp.display()))?;
+        crate::memory::record_digested(&self.digest, offset, data, digest);
+        Ok(())
+    }
+
     fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
         let r = self.finish_inner(len, digest);
         if let Some(f) = self.report {

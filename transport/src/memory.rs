@@ -199,6 +199,22 @@ impl Inner {
     }
 }
 
+/// Records a placed chunk in `pieces`: the codec's subtree value when it
+/// has one for this offset, else by hashing the bytes.
+pub(crate) fn record_digested(
+    pieces: &PieceDigest,
+    offset: u64,
+    data: &[u8],
+    digest: &dwcp_codec::ChunkDigest,
+) {
+    match *digest {
+        dwcp_codec::ChunkDigest::Subtree { offset: at, cv } if at == offset => {
+            pieces.record_cv(offset, data.len() as u64, cv);
+        }
+        _ => pieces.record(offset, data),
+    }
+}
+
 /// `len` zero bytes, or `None` when they cannot be allocated. Large
 /// zeroed allocations come from the kernel's zero pages lazily, so nothing
 /// is written here (unlike `resize`, which would touch every page).
@@ -274,6 +290,36 @@ struct Buf {
 }
 
 impl MemRegion {
+    /// Copies `data` in at `offset`; true when the region's pieces are to
+    /// be recorded (an ordered region hashes as it grows instead).
+    fn place(&self, offset: u64, data: &[u8]) -> Result<bool, String> {
+        let mut b = lock(&self.bytes);
+        let b = b.as_mut().ok_or("the region is already finished")?;
+        let start = usize::try_from(offset).map_err(|_| "offset out of range")?;
+        if self.ordered {
+            if start != b.len {
+                return Err(format!(
+                    "ordered write at {start}, the region ends at {}",
+                    b.len
+                ));
+            }
+            self.sink.reserve(data.len() as u64)?;
+            b.len += data.len();
+            if self.sink.keep {
+                b.data.extend_from_slice(data);
+            }
+            if let Some(h) = &mut b.stream {
+                h.update(data);
+            }
+            return Ok(false);
+        }
+        b.data[..b.len]
+            .get_mut(start..start.saturating_add(data.len()))
+            .ok_or("write outside the region")?
+            .copy_from_slice(data);
+        Ok(true)
+    }
+
     /// Gives back the reservation of a region that will not be kept, and
     /// its buffer to the pool of a discarding sink.
     fn release(&self, buf: Buf, failed: bool) {
@@ -289,35 +335,22 @@ impl MemRegion {
 
 impl RegionWriter for MemRegion {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        {
-            let mut b = lock(&self.bytes);
-            let b = b.as_mut().ok_or("the region is already finished")?;
-            let start = usize::try_from(offset).map_err(|_| "offset out of range")?;
-            if self.ordered {
-                if start != b.len {
-                    return Err(format!(
-                        "ordered write at {start}, the region ends at {}",
-                        b.len
-                    ));
-                }
-                self.sink.reserve(data.len() as u64)?;
-                b.len += data.len();
-                if self.sink.keep {
-                    b.data.extend_from_slice(data);
-                }
-                if let Some(h) = &mut b.stream {
-                    h.update(data);
-                }
-                return Ok(());
-            } else {
-                b.data[..b.len]
-                    .get_mut(start..start.saturating_add(data.len()))
-                    .ok_or("write outside the region")?
-                    .copy_from_slice(data);
-            }
+        if self.place(offset, data)? {
+            // Hashed outside the lock, on the placing core.
+            self.digest.record(offset, data);
         }
-        // Hashed outside the lock, on the placing core.
-        self.digest.record(offset, data);
+        Ok(())
+    }
+
+    fn write_digested(
+        &self,
+        offset: u64,
+        data: &[u8],
+        digest: &dwcp_codec::ChunkDigest,
+    ) -> Result<(), String> {
+        if self.place(offset, data)? {
+            record_digested(&self.digest, offset, data, digest);
+        }
         Ok(())
     }
 

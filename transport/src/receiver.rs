@@ -874,10 +874,15 @@ fn place(
             h.addressing, h.region
         )));
     }
-    let (seq, bytes) = dec.decode_chunk(frame).map_err(|e| TransportError::Frame {
-        peer: peer.to_string(),
-        source: e,
-    })?;
+    // A region chunk's checksum covers its bytes as the BLAKE3 subtree at
+    // its offset, which the sink's digest then takes as it is.
+    let at = (h.addressing == Addressing::Region).then_some(h.offset);
+    let (seq, bytes, digest) =
+        dec.decode_chunk_at(frame, at)
+            .map_err(|e| TransportError::Frame {
+                peer: peer.to_string(),
+                source: e,
+            })?;
     if seq != h.chunk || bytes.len() != h.raw_len as usize {
         return Err(bad(format!(
             "chunk frame says chunk {seq} of {} bytes, DATA says chunk {} of {}",
@@ -908,7 +913,9 @@ fn place(
                     h.region
                 )));
             }
-            writer.write_at(h.offset, bytes).map_err(region_err)?;
+            writer
+                .write_digested(h.offset, bytes, &digest)
+                .map_err(region_err)?;
             mark_placed(session, h)
         }
         (None, None) => return Err(region_err("region has no length".into())),

@@ -25,6 +25,7 @@ use crate::session::{
     Event, Events, Mailbox, Metrics, MetricsSnapshot, SenderConfig, Source, StreamCount, lock,
     wire_policy,
 };
+use crate::treehash::PieceDigest;
 use crate::wire::{
     self, Addressing, Challenge, Close, DataHeader, Hello, Join, JoinOk, Kind, Open, Reason,
     Welcome, caps, code,
@@ -75,6 +76,10 @@ struct State {
     /// A stream's reader saw its connection fail.
     dead: Vec<bool>,
     sources: HashMap<u32, Arc<dyn Source>>,
+    /// The digest of each in-memory region, assembled from the subtree
+    /// values the codec computes for its chunks' checksums (see
+    /// [`Sender::send_region`]).
+    trees: HashMap<u32, Arc<PieceDigest>>,
     /// Bytes acknowledged and length (`None`: an ordered region still
     /// being read) of every region without a `DONE`, for progress events.
     progress: HashMap<u32, (u64, Option<u64>)>,
@@ -177,6 +182,7 @@ impl Sender {
                 wakers: vec![None; usize::from(streams)],
                 dead: vec![false; usize::from(streams)],
                 sources: HashMap::new(),
+                trees: HashMap::new(),
                 progress: HashMap::new(),
                 ordered: HashMap::new(),
                 reorder_used: 0,
@@ -334,6 +340,9 @@ impl Sender {
         match source {
             Some(source) => {
                 let len = source.len();
+                if source.as_slice().is_some() {
+                    st.trees.insert(id, Arc::new(PieceDigest::new(Some(len))));
+                }
                 st.sources.insert(id, source);
                 st.sched.add_region(id, len, self.shared.cfg.chunk);
                 Metrics::add(&self.shared.metrics.bytes_in, len);
@@ -475,6 +484,7 @@ impl Sender {
                     let r = r.clone();
                     // Its source is no longer needed.
                     st.sources.remove(&id);
+                    st.trees.remove(&id);
                     st.done.remove(&id);
                     return r.map_err(|text| TransportError::Region { region: id, text });
                 }
@@ -493,18 +503,63 @@ impl Sender {
     }
 
     /// Sends a whole region and waits for the receiver to confirm it:
-    /// [`Sender::open_region`], the digest (computed here while the
-    /// engine sends), [`Sender::close_region`], [`Sender::wait_region`].
+    /// [`Sender::open_region`], its digest, [`Sender::close_region`],
+    /// [`Sender::wait_region`].
+    ///
+    /// A source in memory ([`Source::as_slice`], which cannot change) is
+    /// hashed once: its digest is assembled from the BLAKE3 subtree values
+    /// its chunks' checksums are made of, once every chunk is acknowledged.
+    /// Any other source (a file, which could change while it is sent) is
+    /// read a second time for its digest while the engine sends, so that a
+    /// source that changed fails the receiver's check instead of arriving
+    /// mixed.
     pub fn send_region(
         &self,
         meta: Vec<u8>,
         source: Arc<dyn Source>,
     ) -> Result<(), TransportError> {
         let id = self.open_region(meta, source.clone())?;
-        let digest = digest(source.as_ref())
-            .map_err(|e| TransportError::io(format!("reading region {id} for its digest"), e))?;
+        let digest = match (source.as_slice(), self.tree(id)) {
+            (Some(bytes), Some(tree)) => {
+                self.wait_sent(id)?;
+                let len = bytes.len() as u64;
+                tree.finish(len, |off, buf| {
+                    let start = off as usize;
+                    buf.copy_from_slice(&bytes[start..start + buf.len()]);
+                    Ok(())
+                })
+                .map_err(|text| TransportError::Region { region: id, text })?
+                .into()
+            }
+            _ => digest(source.as_ref()).map_err(|e| {
+                TransportError::io(format!("reading region {id} for its digest"), e)
+            })?,
+        };
         self.close_region(id, digest)?;
         self.wait_region(id)
+    }
+
+    fn tree(&self, id: u32) -> Option<Arc<PieceDigest>> {
+        lock(&self.shared.state).trees.get(&id).cloned()
+    }
+
+    /// Waits until every chunk of region `id` is acknowledged.
+    fn wait_sent(&self, id: u32) -> Result<(), TransportError> {
+        let mut st = lock(&self.shared.state);
+        loop {
+            if st.sched.region_outstanding(id) == (0, false) {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                return Err(TransportError::SessionLost(f.clone()));
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// Ends the session cleanly: waits for every chunk to be acknowledged,
@@ -1109,6 +1164,11 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             };
             let len = c.len as usize;
             let mut held: Option<Arc<dyn Source>> = None;
+            let held_tree = if c.addressing == Addressing::Region {
+                lock(&shared.state).trees.get(&c.region).cloned()
+            } else {
+                None
+            };
             let bytes: &[u8] = match &c.data {
                 Some(d) => d,
                 None => {
@@ -1154,7 +1214,13 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                     link_bytes_per_sec: (link / shared.workers.max(1) as f64).max(1.0),
                 })?;
             }
-            let stats = enc.encode_chunk_into(bytes, c.id, &mut buf[fixed_end..])?;
+            // A region chunk's checksum covers its BLAKE3 subtree at its
+            // offset; an in-memory region's digest is assembled from those.
+            let at = (c.addressing == Addressing::Region).then_some(c.offset);
+            let (stats, digest) = enc.encode_chunk_at(bytes, c.id, at, &mut buf[fixed_end..])?;
+            if let Some(tree) = held_tree {
+                crate::memory::record_digested(&tree, c.offset, bytes, &digest);
+            }
             let frame_len = stats.frame_bytes as usize;
             let h = DataHeader {
                 stream: stream_id,

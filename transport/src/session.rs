@@ -242,6 +242,19 @@ pub trait Sink: Send + Sync + 'static {
 pub trait RegionWriter: Send + Sync {
     /// Writes `data` at `offset` (inside the region, checked by the caller).
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// [`RegionWriter::write_at`] of a chunk whose BLAKE3 `digest` the
+    /// codec computed (and checked) already: a writer that assembles the
+    /// region's digest from its pieces can take it instead of hashing the
+    /// bytes again.
+    fn write_digested(
+        &self,
+        offset: u64,
+        data: &[u8],
+        digest: &dwcp_codec::ChunkDigest,
+    ) -> Result<(), String> {
+        let _ = digest;
+        self.write_at(offset, data)
+    }
     /// Every chunk is placed and the region is `len` bytes long (what
     /// `OPEN` said, or for an ordered region everything written): check
     /// the whole region against `digest` (BLAKE3) and make it visible; an

@@ -60,29 +60,44 @@ impl PieceDigest {
     /// that long. Anything else (and the whole region as one piece, which is
     /// the root, not a chaining value) is left to [`PieceDigest::finish`].
     pub fn record(&self, offset: u64, data: &[u8]) {
-        let n = data.len() as u64;
-        let len = self.len.unwrap_or(u64::MAX);
-        if n < MIN_PIECE.min(len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64) {
-            return;
-        }
-        let Some(end) = offset.checked_add(n) else {
-            return;
-        };
-        if end > len || (offset == 0 && end == len) {
-            return;
-        }
-        let aligned = n.is_power_of_two() && offset.is_multiple_of(n);
-        let tail = end == len && max_subtree_len(offset).is_none_or(|max| n <= max);
-        if !(aligned || tail) {
-            return;
-        }
-        if lock(&self.pieces).len() >= MAX_PIECES {
+        if !self.fits(offset, data.len() as u64) {
             return;
         }
         let cv = blake3::Hasher::new()
             .set_input_offset(offset)
             .update(data)
             .finalize_non_root();
+        self.insert(offset, data.len() as u64, cv);
+    }
+
+    /// Records `cv`, already computed (by the codec, which checked the
+    /// chunk against it), as the chaining value of the `n` bytes at
+    /// `offset`, under the same rules as [`PieceDigest::record`].
+    pub fn record_cv(&self, offset: u64, n: u64, cv: ChainingValue) {
+        if self.fits(offset, n) {
+            self.insert(offset, n, cv);
+        }
+    }
+
+    /// Whether `n` bytes at `offset` can be a node of the region's tree
+    /// worth recording.
+    fn fits(&self, offset: u64, n: u64) -> bool {
+        let len = self.len.unwrap_or(u64::MAX);
+        if n < MIN_PIECE.min(len) || n == 0 || !offset.is_multiple_of(blake3::CHUNK_LEN as u64) {
+            return false;
+        }
+        let Some(end) = offset.checked_add(n) else {
+            return false;
+        };
+        if end > len || (offset == 0 && end == len) {
+            return false;
+        }
+        let aligned = n.is_power_of_two() && offset.is_multiple_of(n);
+        let tail = end == len && max_subtree_len(offset).is_none_or(|max| n <= max);
+        (aligned || tail) && lock(&self.pieces).len() < MAX_PIECES
+    }
+
+    fn insert(&self, offset: u64, n: u64, cv: ChainingValue) {
         let mut pieces = lock(&self.pieces);
         if pieces.len() < MAX_PIECES {
             pieces.insert((offset, n), cv);
