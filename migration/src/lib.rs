@@ -2,7 +2,14 @@
 //!
 //! Being built (issue 5). So far: the hypervisor traits ([`hv`]) that the
 //! migration drivers will use and that a KVM guest, a synthetic guest or a
-//! C VMM implement. The drivers, the convergence controller and the KVM
-//! guest are not here yet; nothing in this crate migrates anything yet.
+//! C VMM implement, and the sans-IO convergence controller ([`controller`])
+//! that decides after each round whether to go on, throttle, stop-and-copy
+//! or give up. [`kvm`] is a real KVM guest that implements the traits (one
+//! vCPU running a workload that dirties memory at a chosen rate; Linux on
+//! x86-64). The drivers are not here yet; nothing in this crate migrates
+//! anything yet.
 
+pub mod controller;
 pub mod hv;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
