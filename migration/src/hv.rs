@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Page size of dirty tracking and of page transfers.
 pub const PAGE_SIZE: usize = 4096;
@@ -42,13 +43,29 @@ pub type HvResult<T> = Result<T, HvError>;
 /// One contiguous range of guest-physical memory and where the host maps it.
 ///
 /// The memory may be written by guest vCPUs at any time, so it is only ever
-/// copied with volatile accesses.
-#[derive(Debug, Clone, Copy)]
+/// copied with volatile accesses. A region made with
+/// [`GuestRegion::with_owner`] keeps its mapping alive for as long as any
+/// copy of it exists, so safe code can never reach unmapped memory through
+/// one.
+#[derive(Clone)]
 pub struct GuestRegion {
     /// Guest-physical base address, page aligned.
     pub gpa: u64,
     host: NonNull<u8>,
     len: usize,
+    /// What keeps the mapping alive, when the region holds it.
+    owner: Option<Arc<dyn Send + Sync>>,
+}
+
+impl fmt::Debug for GuestRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestRegion")
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("host", &self.host)
+            .field("len", &self.len)
+            .field("owned", &self.owner.is_some())
+            .finish()
+    }
 }
 
 // SAFETY: a `GuestRegion` is an address range, not a reference; every access
@@ -69,7 +86,34 @@ impl GuestRegion {
     /// stays mapped for as long as this value or any copy of it is used.
     /// Nothing may hold a Rust reference (`&[u8]`, `&mut [u8]`) to it.
     pub unsafe fn new(gpa: u64, host: NonNull<u8>, len: usize) -> Self {
-        Self { gpa, host, len }
+        Self {
+            gpa,
+            host,
+            len,
+            owner: None,
+        }
+    }
+
+    /// Like [`GuestRegion::new`], for a mapping that stays mapped for as
+    /// long as `owner` lives: the region (and every clone) holds `owner`,
+    /// so the mapping outlives every use of it.
+    ///
+    /// # Safety
+    /// `host..host + len` must be one mapping, readable and writable, that
+    /// stays mapped while `owner` is alive; nothing may hold a Rust
+    /// reference to it.
+    pub unsafe fn with_owner(
+        gpa: u64,
+        host: NonNull<u8>,
+        len: usize,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Self {
+        Self {
+            gpa,
+            host,
+            len,
+            owner: Some(owner),
+        }
     }
 
     /// Length in bytes.
@@ -249,5 +293,20 @@ mod tests {
         assert!(region.write(usize::MAX, &[1]).is_err());
         assert_eq!(region.pages(), 2);
         assert_eq!(bitmap_words(65), 2);
+    }
+
+    #[test]
+    fn an_owned_region_keeps_its_mapping_alive() {
+        let backing: Arc<Vec<u64>> = Arc::new(vec![7u64; 16]);
+        let host = NonNull::new(backing.as_ptr().cast::<u8>().cast_mut()).unwrap();
+        // SAFETY: the Vec's buffer lives as long as `backing`, which the
+        // region holds; only volatile copies touch it.
+        let region = unsafe { GuestRegion::with_owner(0, host, 128, backing.clone()) };
+        drop(backing);
+        let copy = region.clone();
+        drop(region);
+        let mut out = [0u8; 8];
+        copy.read(8, &mut out).unwrap();
+        assert_eq!(u64::from_ne_bytes(out), 7);
     }
 }

@@ -282,8 +282,8 @@ fn manual_migration_moves_a_running_guest() {
     let mut src = KvmGuest::source(cfg.clone()).unwrap();
     let mut dst = KvmGuest::destination(cfg).unwrap();
     let (from, to) = (
-        SourceHypervisor::regions(&src)[0],
-        DestHypervisor::regions(&dst)[0],
+        SourceHypervisor::regions(&src)[0].clone(),
+        DestHypervisor::regions(&dst)[0].clone(),
     );
     assert_eq!((from.gpa, from.len()), (to.gpa, to.len()));
     assert_eq!(dst.counter(), 0, "destination memory starts zero");

@@ -9,6 +9,8 @@ use super::layout::{
     CONTROL_GPA, CONTROL_MAGIC, CTL_MAGIC, CTL_POOL_GPA, CTL_POOL_SPAN, CTL_RNG, CTL_TABLE_GPA,
     CTL_TABLE_LEN, GuestLayout, LARGE_PAGE, PD_GPA, PDPT_GPA, PML4_GPA, PROGRAM_GPA, TEXT_COPY,
 };
+use std::sync::Arc;
+
 use crate::hv::{GuestRegion, HvError, HvResult, PAGE_SIZE};
 
 /// An anonymous, private, `MAP_NORESERVE` mapping of guest RAM, unmapped on
@@ -63,19 +65,19 @@ impl GuestMemory {
         self.host.as_ptr()
     }
 
-    /// The whole RAM as one region at guest-physical 0.
-    pub fn region(&self) -> GuestRegion {
+    /// The whole RAM as one region at guest-physical 0; the region keeps
+    /// the mapping alive.
+    pub fn region(self: &Arc<Self>) -> GuestRegion {
         // SAFETY: `host..host + len` is one readable and writable mapping
-        // that lives as long as `self`; the owner (`KvmGuest`) unmaps it
-        // only when dropped, after its vCPU thread has stopped, and regions
-        // handed out are documented to be valid only while the guest
-        // lives. No Rust reference to the mapping is ever formed.
-        unsafe { GuestRegion::new(0, self.host, self.len) }
+        // that lives as long as this `GuestMemory` (unmapped only on drop),
+        // which the region holds through `owner`. No Rust reference to the
+        // mapping is ever formed.
+        unsafe { GuestRegion::with_owner(0, self.host, self.len, self.clone()) }
     }
 
     /// Reads the `u64` at guest-physical `gpa` (8-aligned) with one load,
     /// so a value the guest updates with one store is never torn.
-    pub fn read_u64(&self, gpa: u64) -> HvResult<u64> {
+    pub fn read_u64(self: &Arc<Self>, gpa: u64) -> HvResult<u64> {
         let mut b = [0u8; 8];
         self.region().read(gpa as usize, &mut b)?;
         Ok(u64::from_le_bytes(b))

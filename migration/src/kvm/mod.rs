@@ -74,6 +74,7 @@ pub mod program;
 pub mod state;
 mod vcpu;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dwcp_codec::corpus::PageClass;
@@ -142,7 +143,7 @@ pub struct KvmGuest {
     // KVM may use the RAM while the VM exists.
     runner: vcpu::VcpuRunner,
     vm: VmFd,
-    memory: GuestMemory,
+    memory: Arc<GuestMemory>,
     layout: GuestLayout,
     /// Class of every working-set page (empty on a destination).
     classes: Vec<PageClass>,
@@ -183,7 +184,7 @@ impl KvmGuest {
         let layout = GuestLayout::new(config.ram)?;
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
-        let memory = GuestMemory::new(config.ram)?;
+        let memory = Arc::new(GuestMemory::new(config.ram)?);
         set_memory_slot(&vm, &memory, false, "registering guest RAM")?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("creating vCPU 0"))?;
         let runner = vcpu::VcpuRunner::spawn(vcpu, config.dirty_mibps)?;
