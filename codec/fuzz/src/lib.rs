@@ -250,9 +250,47 @@ pub fn seal(
         };
         f[8..10].copy_from_slice(&flags.to_le_bytes());
     }
-    let sum = checksum(key, &f);
+    let sum = frame_checksum(key, &f);
     f.extend_from_slice(&sum);
     f
+}
+
+/// The checksum a frame whose bytes before the checksum are `body` must
+/// carry: over the whole body for page frames; for chunk frames (kind 2,
+/// version 2) over the header and the BLAKE3 of the decoded payload, as
+/// `docs/wire-format.md` ("Chunk frames") says, in its "whole" form (no
+/// region offset), which is how `Decoder::decode_chunk` checks it. A chunk
+/// payload that cannot be decoded gets the body checksum: it fails either
+/// way.
+pub fn frame_checksum(key: Option<&SessionKey>, body: &[u8]) -> [u8; CHECKSUM_LEN] {
+    if body.len() >= HEADER_LEN
+        && body[5] == 2
+        && let Some(raw) = chunk_payload(body)
+    {
+        let mut h = match key {
+            Some(k) => blake3::Hasher::new_keyed(&k.0),
+            None => blake3::Hasher::new(),
+        };
+        h.update(&body[..HEADER_LEN]);
+        h.update(&[0]);
+        h.update(&0u64.to_le_bytes());
+        h.update(blake3::hash(&raw).as_bytes());
+        return *h.finalize().as_bytes();
+    }
+    checksum(key, body)
+}
+
+/// The decoded payload of a chunk frame's body (stored or LZ4 only; the
+/// fuzz crate carries no ZStd), `None` when it does not decode.
+fn chunk_payload(body: &[u8]) -> Option<Vec<u8>> {
+    let table = u32::from_le_bytes(body[16..20].try_into().ok()?) as usize;
+    let payload = body.get(HEADER_LEN.checked_add(table)?..)?;
+    let raw_len = u32::from_le_bytes(body[24..28].try_into().ok()?) as usize;
+    match body[6] {
+        0 => Some(payload.to_vec()),
+        1 if raw_len <= 1 << 24 => lz4_flex::block::decompress(payload, raw_len).ok(),
+        _ => None,
+    }
 }
 
 /// Replaces the trailing checksum of `frame` with the right one (when it is
@@ -260,7 +298,7 @@ pub fn seal(
 pub fn reseal(frame: &mut [u8], key: Option<&SessionKey>) {
     if frame.len() >= HEADER_LEN + CHECKSUM_LEN {
         let split = frame.len() - CHECKSUM_LEN;
-        let sum = checksum(key, &frame[..split]);
+        let sum = frame_checksum(key, &frame[..split]);
         frame[split..].copy_from_slice(&sum);
     }
 }
