@@ -3,6 +3,7 @@
 mod bench_codec;
 mod bench_engine;
 mod bench_transport;
+mod migrate;
 mod netns;
 mod netref;
 mod proc;
@@ -39,6 +40,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Sends files and directory trees to a `dwcp serve`.
     Send(SendArgs),
+    /// Live-migrates the KVM test guest between two processes: run
+    /// `--incoming ADDR` on the destination, then `--to ADDR` on the source.
+    Migrate(MigrateArgs),
     /// One side of `dwcp bench transport`, run inside its namespace.
     #[command(subcommand, hide = true)]
     BenchPeer(BenchPeerCmd),
@@ -185,6 +189,45 @@ struct SendArgs {
     /// Engine workers (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     workers: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// Source: migrate the guest to this destination (host:port).
+    #[arg(long, conflicts_with = "incoming")]
+    to: Option<String>,
+    /// Destination: receive a guest on this address (host:port).
+    #[arg(long)]
+    incoming: Option<String>,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Guest RAM (a multiple of 4MiB, 16MiB to 3GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    ram: u64,
+    /// Rate at which the guest dirties memory, MiB/s.
+    #[arg(long, default_value_t = 30)]
+    dirty: u32,
+    /// Downtime limit.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    downtime: Duration,
+    /// Give up (the source runs on) after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    deadline: Duration,
+    /// Data streams: 1..=64, or auto.
+    #[arg(long, default_value = "4", value_parser = transfer::parse_streams)]
+    streams: dwcp_transport::StreamCount,
+    /// Page codec policy: datacenter (LZ4), internet (ZStd), auto, none.
+    #[arg(long, default_value = "datacenter")]
+    mode: String,
+    /// Rate limit on the wire (300mbit, 1gbit; 0 for none).
+    #[arg(long, default_value = "0", value_parser = transfer::parse_rate_limit)]
+    rate_limit: u64,
+    /// Destination: how long to run the guest after it arrives.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    run_after: Duration,
+    /// One JSON object at the end.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +496,23 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Keygen(a) => transfer::keygen(&a.file),
+        Cmd::Migrate(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)
+            .and_then(|key| {
+                migrate::run(&migrate::MigrateOptions {
+                    to: a.to.clone(),
+                    incoming: a.incoming.clone(),
+                    key,
+                    ram: a.ram,
+                    dirty: a.dirty,
+                    downtime: a.downtime,
+                    deadline: a.deadline,
+                    streams: a.streams,
+                    mode: a.mode.clone(),
+                    rate_limit_bps: a.rate_limit,
+                    run_after: a.run_after,
+                    json: a.json,
+                })
+            }),
         Cmd::Serve(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)
             .and_then(|key| transfer::serve(&a.listen, &a.dir, key, a.workers.map(|w| w as usize))),
         Cmd::Send(a) => transfer::key_from(a.auth.key.as_deref(), a.auth.insecure_no_auth)

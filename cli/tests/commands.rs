@@ -235,6 +235,89 @@ fn send_dash_streams_standard_input_into_a_named_file() {
     assert!(!ok && err.contains("--name"), "{err}");
 }
 
+#[test]
+fn migrate_moves_a_running_guest_between_two_processes() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("migrate_moves_a_running_guest_between_two_processes: skipped: no /dev/kvm");
+        return;
+    }
+    let s = Scratch::new("migrate");
+    let key = s.0.join("key");
+    assert!(dwcp(&["keygen", key.to_str().unwrap()], Duration::from_secs(10)).0);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut dst = Kill(
+        Command::new(DWCP)
+            .args(["migrate", "--incoming", &addr, "--ram", "64MiB", "--json"])
+            .args(["--run-after", "500ms", "--key"])
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The destination is listening once it says so.
+    let err = dst.0.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the destination starts");
+    assert!(line.contains("listening"), "{line}");
+    let (ok, out, err) = dwcp(
+        &[
+            "migrate",
+            "--to",
+            &addr,
+            "--ram",
+            "64MiB",
+            "--dirty",
+            "30",
+            "--json",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(ok, "source failed: {err}");
+    let src: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(src["result"], "ok", "{src}");
+    assert_eq!(src["converged"], true, "{src}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dst.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the destination did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    use std::io::Read;
+    dst.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(dst.0.wait().unwrap().success(), "destination failed: {out}");
+    let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let at_pause = src["counter_at_pause"].as_u64().unwrap();
+    assert!(
+        d["counter_at_start"].as_u64().unwrap() >= at_pause,
+        "{d} vs {src}"
+    );
+    assert!(
+        d["counter_after"].as_u64().unwrap() > d["counter_at_start"].as_u64().unwrap(),
+        "{d}"
+    );
+}
+
 /// Collects a finished child's status and output.
 trait Finished {
     fn wait_with_output_bounded(&mut self) -> (bool, String, String);

@@ -1,0 +1,249 @@
+//! `dwcp migrate`: live migration of the KVM test guest between two
+//! processes (`--incoming ADDR` on the destination, `--to ADDR` on the
+//! source).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use dwcp_codec::Policy;
+use dwcp_engine::Engine;
+use dwcp_migration::controller::ControllerConfig;
+use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult};
+use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
+use dwcp_migration::precopy::{Incoming, MigrateConfig, migrate_out};
+use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
+use serde_json::json;
+
+use crate::transfer::resolve;
+
+/// Options of `dwcp migrate`.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Source: the destination's address.
+    pub to: Option<String>,
+    /// Destination: the address to listen on.
+    pub incoming: Option<String>,
+    /// `None` without authentication.
+    pub key: Option<Key>,
+    /// Guest RAM in bytes.
+    pub ram: u64,
+    /// Guest dirty rate, MiB/s.
+    pub dirty: u32,
+    /// Downtime limit.
+    pub downtime: Duration,
+    /// Give up after this long (source).
+    pub deadline: Duration,
+    /// Data streams.
+    pub streams: StreamCount,
+    /// Page codec policy: datacenter, internet, auto or none.
+    pub mode: String,
+    /// Rate limit in bits per second, 0 for none.
+    pub rate_limit_bps: u64,
+    /// How long the destination runs the guest after it arrives.
+    pub run_after: Duration,
+    /// Machine output.
+    pub json: bool,
+}
+
+/// Runs one side.
+pub fn run(o: &MigrateOptions) -> Result<()> {
+    kvm_available().map_err(|why| anyhow!("dwcp migrate needs KVM: {why}"))?;
+    let ram = usize::try_from(o.ram).context("--ram")?;
+    let guest = GuestConfig {
+        ram,
+        dirty_mibps: o.dirty,
+        seed: 1,
+    };
+    match (&o.to, &o.incoming) {
+        (Some(to), None) => source(o, guest, to),
+        (None, Some(listen)) => destination(o, guest, listen),
+        _ => bail!("give exactly one of --to ADDR (source) or --incoming ADDR (destination)"),
+    }
+}
+
+fn page_policy(mode: &str, rate_bps: u64) -> Result<Policy> {
+    Ok(match mode {
+        "none" => Policy::Stored,
+        "datacenter" => Policy::Datacenter,
+        "internet" => Policy::internet(),
+        "auto" => Policy::Auto {
+            link_bytes_per_sec: if rate_bps > 0 {
+                rate_bps as f64 / 8.0
+            } else {
+                1.25e9
+            },
+        },
+        other => bail!("--mode {other:?}: datacenter, internet, auto or none"),
+    })
+}
+
+fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
+    let addr = resolve(to)?;
+    let policy = page_policy(&o.mode, o.rate_limit_bps)?;
+    let mut src = KvmGuest::source(guest).map_err(|e| anyhow!("{e}"))?;
+    eprintln!(
+        "source guest: {} MiB of RAM, dirtying {} MiB/s; migrating to {addr}",
+        o.ram >> 20,
+        o.dirty
+    );
+    let engine = Engine::builder().build().context("starting the engine")?;
+    let sender = Sender::connect(
+        &engine,
+        addr,
+        SenderConfig {
+            key: o.key.clone(),
+            streams: o.streams,
+            // Pages are compressed by the page codec; the transport only
+            // frames and checks them.
+            policy: Policy::Stored,
+            rate_limit: o.rate_limit_bps / 8,
+            ..SenderConfig::default()
+        },
+    )
+    .with_context(|| format!("opening a session to {addr}"))?;
+    let cfg = MigrateConfig {
+        controller: ControllerConfig {
+            downtime_limit: o.downtime,
+            deadline: Some(o.deadline),
+            ..ControllerConfig::default()
+        },
+        policy,
+        ..MigrateConfig::default()
+    };
+    let json = o.json;
+    let result = migrate_out(&mut src, &sender, &cfg, |m| {
+        if !json {
+            eprintln!("{m}");
+        }
+    });
+    match result {
+        Ok(r) => {
+            let _ = sender.close();
+            let s = &r.summary;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "name": "migrate",
+                        "result": "ok",
+                        "total_ms": r.total.as_secs_f64() * 1e3,
+                        "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+                        "rounds": r.rounds.len(),
+                        "guest_bytes": s.bytes_sent,
+                        "wire_bytes": r.wire_bytes,
+                        "converged": s.converged,
+                        "throttled": s.max_throttle,
+                        "counter_at_pause": src.counter(),
+                    })
+                );
+            } else {
+                println!(
+                    "migrated: {} rounds, total {:.1} ms, downtime {:.1} ms, {} MiB of guest pages in {} MiB on the wire, max throttle {}%; the guest counter stopped here at {}",
+                    r.rounds.len(),
+                    r.total.as_secs_f64() * 1e3,
+                    r.downtime.as_secs_f64() * 1e3,
+                    s.bytes_sent >> 20,
+                    r.wire_bytes >> 20,
+                    s.max_throttle,
+                    src.counter()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            sender.cancel();
+            let before = src.counter();
+            std::thread::sleep(Duration::from_millis(200));
+            bail!(
+                "{e}; the source guest runs on (counter {before} -> {})",
+                src.counter()
+            )
+        }
+    }
+}
+
+/// The destination guest, also readable by this command while the
+/// migration owns it.
+struct SharedGuest(Arc<Mutex<KvmGuest>>);
+
+impl SharedGuest {
+    fn guest(&self) -> std::sync::MutexGuard<'_, KvmGuest> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl DestHypervisor for SharedGuest {
+    fn regions(&self) -> Vec<GuestRegion> {
+        DestHypervisor::regions(&*self.guest())
+    }
+    fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
+        self.guest().load_device_state(blob)
+    }
+    fn resume(&mut self) -> HvResult<()> {
+        DestHypervisor::resume(&mut *self.guest())
+    }
+}
+
+fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<()> {
+    let addr = resolve(listen)?;
+    let dst = Arc::new(Mutex::new(
+        KvmGuest::destination(guest).map_err(|e| anyhow!("{e}"))?,
+    ));
+    let incoming = Incoming::new(Box::new(SharedGuest(dst.clone())), 2 << 30);
+    let engine = Engine::builder().build().context("starting the engine")?;
+    let recv = Receiver::bind(
+        &engine,
+        addr,
+        ReceiverConfig {
+            key: o.key.clone(),
+            ..ReceiverConfig::default()
+        },
+        incoming.sink(),
+    )
+    .with_context(|| format!("listening on {addr}"))?;
+    eprintln!(
+        "destination: {} MiB guest waiting; listening on {}",
+        o.ram >> 20,
+        recv.local_addr()
+    );
+    let waited = Instant::now();
+    let report = loop {
+        if let Some(r) = incoming.wait(Duration::from_secs(1)) {
+            break r.map_err(|e| anyhow!("the migration failed: {e}"))?;
+        }
+        if waited.elapsed() > o.deadline + Duration::from_secs(60) {
+            bail!(
+                "no migration arrived within {:?}",
+                o.deadline + Duration::from_secs(60)
+            );
+        }
+    };
+    let first = dst.lock().unwrap_or_else(|p| p.into_inner()).counter();
+    std::thread::sleep(o.run_after);
+    let later = dst.lock().unwrap_or_else(|p| p.into_inner()).counter();
+    if o.json {
+        println!(
+            "{}",
+            json!({
+                "name": "incoming",
+                "result": "ok",
+                "pages": report.pages,
+                "batches": report.batches,
+                "finish_ms": report.finish.as_secs_f64() * 1e3,
+                "counter_at_start": first,
+                "counter_after": later,
+            })
+        );
+    } else {
+        println!(
+            "guest arrived ({} pages in {} batches) and runs here: counter {first} -> {later} over {:?}",
+            report.pages, report.batches, o.run_after
+        );
+    }
+    if later <= first && o.dirty > 0 {
+        bail!("the guest does not count on after the migration");
+    }
+    let _ = recv.close();
+    Ok(())
+}
