@@ -3,6 +3,7 @@
 mod bench_codec;
 mod bench_engine;
 mod bench_transport;
+mod demo;
 mod migrate;
 mod netns;
 mod netref;
@@ -28,8 +29,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Runs dwcp's main job on a built-in default. Until live migration
-    /// lands this is the codec demo: HDE on the built-in synthetic corpus.
+    /// Runs dwcp's main job on a built-in default: a live migration of a
+    /// guest dirtying memory, on loopback (`--codec`: the codec demo).
     Demo(DemoArgs),
     /// Measures a part of dwcp next to its reference.
     #[command(subcommand)]
@@ -232,9 +233,21 @@ struct MigrateArgs {
 
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Size of the built-in corpus.
+    /// Run the codec demo instead (HDE on the built-in corpus).
+    #[arg(long)]
+    codec: bool,
+    /// Size of the codec demo's built-in corpus.
     #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     size: u64,
+    /// Guest RAM of the migration demo.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    ram: u64,
+    /// Rate at which the guest dirties memory, MiB/s.
+    #[arg(long, default_value_t = 30)]
+    dirty: u32,
+    /// Move the in-process synthetic guest even where KVM works.
+    #[arg(long)]
+    synthetic: bool,
     /// One JSON object per line instead of the table.
     #[arg(long)]
     json: bool,
@@ -439,8 +452,16 @@ fn emit(rows: &[bench_codec::Row], link_bps: u64, json: bool) {
 }
 
 fn demo(a: &DemoArgs) -> Result<()> {
+    if !a.codec {
+        return demo::run(&demo::DemoOptions {
+            ram: usize::try_from(a.ram).context("--ram")?,
+            dirty: a.dirty,
+            json: a.json,
+            synthetic: a.synthetic,
+        });
+    }
     if !a.json {
-        println!("dwcp demo: the codec demo (live migration has not landed yet).");
+        println!("dwcp demo --codec: the codec demo.");
         println!(
             "HDE encodes {} of built-in synthetic memory (50% zero, 20% text, 20% code, 10% random pages),",
             units::format_size(a.size)

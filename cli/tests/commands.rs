@@ -318,6 +318,27 @@ fn migrate_moves_a_running_guest_between_two_processes() {
     );
 }
 
+#[test]
+fn demo_migrates_a_guest_and_checks_its_memory() {
+    let mut runs = vec![vec!["demo", "--synthetic", "--ram", "64MiB", "--json"]];
+    if Path::new("/dev/kvm").exists() {
+        runs.push(vec!["demo", "--ram", "64MiB", "--json"]);
+    } else {
+        eprintln!("demo with KVM: skipped: no /dev/kvm");
+    }
+    for args in runs {
+        let (ok, out, err) = dwcp(&args, Duration::from_secs(60));
+        assert!(ok, "{args:?}: {err}");
+        let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["converged"], true, "{r}");
+        assert!(
+            r["counter_after"].as_u64() > r["counter_at_pause"].as_u64(),
+            "{r}"
+        );
+    }
+}
+
 /// Collects a finished child's status and output.
 trait Finished {
     fn wait_with_output_bounded(&mut self) -> (bool, String, String);

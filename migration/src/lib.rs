@@ -17,3 +17,4 @@ pub mod hv;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 pub mod precopy;
+pub mod synthetic;
