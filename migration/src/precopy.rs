@@ -428,12 +428,52 @@ pub struct IncomingReport {
     pub batches: u64,
     /// From `End` arriving to the guest running.
     pub finish: Duration,
+    /// [`memory_digest`] of the guest memory as the migration left it,
+    /// assembled page by page as pages were applied (so nothing is hashed
+    /// in the downtime but the last round's pages).
+    pub memory_digest: [u8; 32],
+}
+
+/// Length of a page's hash in [`memory_digest`].
+const PAGE_HASH: usize = 16;
+
+/// The hash of one page in [`memory_digest`].
+fn page_hash(page: &[u8]) -> [u8; PAGE_HASH] {
+    let mut h = [0u8; PAGE_HASH];
+    h.copy_from_slice(&blake3::hash(page).as_bytes()[..PAGE_HASH]);
+    h
+}
+
+/// BLAKE3 of the concatenated 128-bit BLAKE3 hashes of every page of the
+/// regions, in order: what both ends of a migration compute to check that
+/// the destination's memory equals the source's at the pause. The source
+/// reads its (paused, so frozen) memory after the migration; the
+/// destination assembles it as it applies pages.
+pub fn memory_digest(regions: &[GuestRegion]) -> Result<[u8; 32], HvError> {
+    let mut h = blake3::Hasher::new();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for r in regions {
+        for p in 0..r.pages() {
+            let n = PAGE_SIZE.min(r.len() - p * PAGE_SIZE);
+            page[n..].fill(0);
+            r.read(p * PAGE_SIZE, &mut page[..n])?;
+            h.update(&page_hash(&page));
+        }
+    }
+    Ok(*h.finalize().as_bytes())
 }
 
 impl Incoming {
     /// Starts receiving into `hv`'s memory; at most `limit` bytes of
     /// batches are held before they are applied.
     pub fn new(hv: Box<dyn DestHypervisor>, limit: u64) -> Self {
+        Self::with_fault(hv, limit, None)
+    }
+
+    /// [`Incoming::new`] that changes one byte of page `corrupt` as it
+    /// writes it (after the transport verified it): a fault drill for the
+    /// end-to-end memory check, which must then disagree.
+    pub fn with_fault(hv: Box<dyn DestHypervisor>, limit: u64, corrupt: Option<u64>) -> Self {
         let shared = Arc::new(DestShared {
             mem: MemorySink::new(limit),
             state: Mutex::new(DestState::default()),
@@ -443,7 +483,7 @@ impl Incoming {
         let applier = std::thread::Builder::new()
             .name("dwcp-apply".into())
             .spawn(move || {
-                let r = apply_loop(&s, hv);
+                let r = apply_loop(&s, hv, corrupt);
                 let mut st = lock(&s.state);
                 st.outcome.get_or_insert(r);
                 drop(st);
@@ -578,10 +618,13 @@ impl RegionWriter for EndWriter {
 fn apply_loop(
     shared: &DestShared,
     mut hv: Box<dyn DestHypervisor>,
+    corrupt: Option<u64>,
 ) -> Result<IncomingReport, String> {
     let regions = hv.regions();
     let total: usize = regions.iter().map(GuestRegion::pages).sum();
     let mut written = vec![0u64; bitmap_words(total)];
+    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
+    let mut hashes = vec![zero_hash; total];
     let mut decoders: Vec<Decoder> = Vec::new();
     let mut next: Vec<u32> = Vec::new();
     let mut held: BTreeMap<(u16, u32), Vec<u8>> = BTreeMap::new();
@@ -633,7 +676,14 @@ fn apply_loop(
                 decoders.push(Decoder::new(&CodecConfig::default()));
                 next.push(0);
             }
-            report.pages += apply(&mut decoders[s], &regions, &mut written, &bytes)?;
+            report.pages += apply(
+                &mut decoders[s],
+                &regions,
+                &mut written,
+                &mut hashes,
+                &bytes,
+                corrupt,
+            )?;
             report.batches += 1;
             next[s] += 1;
         }
@@ -649,6 +699,12 @@ fn apply_loop(
                 hv.load_device_state(&blob).map_err(|e| e.to_string())?;
                 hv.resume().map_err(|e| e.to_string())?;
                 report.finish = t.elapsed();
+                // After the guest runs: the page hashes are a snapshot.
+                let mut h = blake3::Hasher::new();
+                for ph in &hashes {
+                    h.update(ph);
+                }
+                report.memory_digest = *h.finalize().as_bytes();
                 return Ok(report);
             }
         }
@@ -672,8 +728,12 @@ fn apply(
     dec: &mut Decoder,
     regions: &[GuestRegion],
     written: &mut [u64],
+    hashes: &mut [[u8; PAGE_HASH]],
     bytes: &[u8],
+    corrupt: Option<u64>,
 ) -> Result<u64, String> {
+    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
+    let mut readback = vec![0u8; PAGE_SIZE];
     let mut at = 0usize;
     let mut pages = 0u64;
     let zero = [0u8; PAGE_SIZE];
@@ -703,13 +763,30 @@ fn apply(
                             let (r, off) = locate(regions, i).map_err(|e| e.to_string())?;
                             r.write(off, &zero).map_err(|e| e.to_string())?;
                         }
+                        if let Some(h) = hashes.get_mut(i as usize) {
+                            *h = zero_hash;
+                        }
                         pages += 1;
                     }
                 }
                 DecodedPage::Data { index, bytes } => {
                     let (r, off) = locate(regions, index).map_err(|e| e.to_string())?;
-                    r.write(off, bytes).map_err(|e| e.to_string())?;
+                    if corrupt == Some(index) {
+                        // Fault drill: one byte changed after the
+                        // transport verified it.
+                        let mut bad = bytes.to_vec();
+                        bad[0] ^= 1;
+                        r.write(off, &bad).map_err(|e| e.to_string())?;
+                    } else {
+                        r.write(off, bytes).map_err(|e| e.to_string())?;
+                    }
                     mark(written, index);
+                    // The hash is of what guest memory now holds (read back
+                    // while in cache), not of what was meant to be written.
+                    r.read(off, &mut readback).map_err(|e| e.to_string())?;
+                    if let Some(h) = hashes.get_mut(index as usize) {
+                        *h = page_hash(&readback);
+                    }
                     pages += 1;
                 }
             }

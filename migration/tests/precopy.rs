@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dwcp_engine::Engine;
-use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult, PAGE_SIZE};
+use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult, PAGE_SIZE, SourceHypervisor};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
-use dwcp_migration::precopy::{Incoming, MigrateConfig, migrate_out};
+use dwcp_migration::precopy::{self, Incoming, MigrateConfig, migrate_out};
 use dwcp_migration::synthetic::SyntheticGuest;
 use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
 
@@ -95,8 +95,13 @@ fn a_synthetic_guest_moves_live_without_kvm() {
     std::thread::sleep(Duration::from_millis(100));
     let report = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {}).unwrap();
     sender.close().unwrap();
-    incoming.wait(Duration::from_secs(10)).unwrap().unwrap();
+    let done = incoming.wait(Duration::from_secs(10)).unwrap().unwrap();
     assert!(report.summary.converged);
+    assert_eq!(
+        done.memory_digest,
+        precopy::memory_digest(&SourceHypervisor::regions(&src)).unwrap(),
+        "the page-by-page digest agrees"
+    );
     let at_pause = src.counter();
     assert!(at_pause > 0);
     assert_eq!(Some(memory_digest(&src.region())), *digest.lock().unwrap());
@@ -105,6 +110,34 @@ fn a_synthetic_guest_moves_live_without_kvm() {
     assert!(
         dst.lock().unwrap().counter() > at_pause,
         "the destination counts on"
+    );
+    recv.close().unwrap();
+}
+
+#[test]
+fn a_page_corrupted_after_the_transport_fails_the_memory_check() {
+    let mut src = SyntheticGuest::source(32 << 20, 0, 5).unwrap();
+    let dst = Arc::new(Mutex::new(
+        SyntheticGuest::destination(32 << 20, 0).unwrap(),
+    ));
+    // A text page of the working set (second half of RAM).
+    let victim = (32 << 20) / PAGE_SIZE as u64 * 3 / 4;
+    let incoming = Incoming::with_fault(
+        Box::new(Recorded {
+            guest: dst.clone(),
+            digest: Arc::new(Mutex::new(None)),
+        }),
+        1 << 30,
+        Some(victim),
+    );
+    let (recv, sender, _rx, _tx) = session(&incoming);
+    migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {}).unwrap();
+    sender.close().unwrap();
+    let done = incoming.wait(Duration::from_secs(10)).unwrap().unwrap();
+    assert_ne!(
+        done.memory_digest,
+        precopy::memory_digest(&SourceHypervisor::regions(&src)).unwrap(),
+        "one changed byte must show"
     );
     recv.close().unwrap();
 }
@@ -145,6 +178,10 @@ fn a_running_guest_moves_live_and_keeps_counting() {
     sender.close().unwrap();
     let done = incoming.wait(Duration::from_secs(10)).unwrap().unwrap();
     assert!(done.pages > 0);
+    assert_eq!(
+        done.memory_digest,
+        precopy::memory_digest(&SourceHypervisor::regions(&src)).unwrap()
+    );
     assert!(!rounds.is_empty() && report.summary.converged, "{report:?}");
     // The source is paused for good: its memory is what it was at the
     // pause, and must equal what the destination started from.
