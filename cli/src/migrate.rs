@@ -11,7 +11,7 @@ use dwcp_engine::Engine;
 use dwcp_migration::controller::ControllerConfig;
 use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
-use dwcp_migration::precopy::{Incoming, MigrateConfig, migrate_out};
+use dwcp_migration::precopy::{Incoming, MigrateConfig, memory_digest, migrate_out};
 use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
 use serde_json::json;
 
@@ -44,6 +44,10 @@ pub struct MigrateOptions {
     pub run_after: Duration,
     /// Machine output.
     pub json: bool,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Runs one side.
@@ -112,6 +116,7 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
         ..MigrateConfig::default()
     };
     let json = o.json;
+    let counter0 = src.counter();
     let result = migrate_out(&mut src, &sender, &cfg, |m| {
         if !json {
             eprintln!("{m}");
@@ -121,6 +126,11 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
         Ok(r) => {
             let _ = sender.close();
             let s = &r.summary;
+            // Paused for good: this is the memory at the pause, hashed as
+            // the destination hashed what it received.
+            let digest = memory_digest(&[src.region()]).map_err(|e| anyhow!("{e}"))?;
+            let writes = src.counter().saturating_sub(counter0);
+            let dirty_mibps = writes as f64 / 256.0 / r.total.as_secs_f64().max(1e-9);
             if json {
                 println!(
                     "{}",
@@ -135,6 +145,8 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                         "converged": s.converged,
                         "throttled": s.max_throttle,
                         "counter_at_pause": src.counter(),
+                        "guest_dirty_mibps": dirty_mibps,
+                        "memory_digest": hex(&digest),
                     })
                 );
             } else {
@@ -233,6 +245,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
                 "finish_ms": report.finish.as_secs_f64() * 1e3,
                 "counter_at_start": first,
                 "counter_after": later,
+                "memory_digest": hex(&report.memory_digest),
             })
         );
     } else {

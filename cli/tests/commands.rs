@@ -307,6 +307,10 @@ fn migrate_moves_a_running_guest_between_two_processes() {
         .unwrap();
     assert!(dst.0.wait().unwrap().success(), "destination failed: {out}");
     let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        src["memory_digest"], d["memory_digest"],
+        "memory at the pause differs: {src} vs {d}"
+    );
     let at_pause = src["counter_at_pause"].as_u64().unwrap();
     assert!(
         d["counter_at_start"].as_u64().unwrap() >= at_pause,

@@ -362,10 +362,12 @@ fn run_source(
     for s in &pump.seqs {
         end.extend_from_slice(&s.to_le_bytes());
     }
-    pump.drain()?;
-    // DONE of `End` means the destination's guest runs.
+    // No wait for the last batches: the destination finishes `End` only
+    // once every batch it names is applied, so DONE of `End` means all of
+    // them arrived, were verified and applied, and the guest runs.
     sender.send_region(end, Arc::new(Vec::new()))?;
     let downtime = t0.elapsed();
+    pump.drain()?;
     let _ = hv.stop_dirty_log();
     let m = sender.metrics();
     ctl.handle_stop_copy(StopCopyReport {
@@ -414,7 +416,10 @@ struct DestShared {
 struct DestState {
     /// Batches each shard needs, once `End` told.
     end: Option<Vec<u32>>,
-    /// `Some(result)` once the guest runs or the migration failed.
+    /// The destination guest runs.
+    running: bool,
+    /// `Some(result)` once the guest runs (and its memory digest is
+    /// assembled) or the migration failed.
     outcome: Option<Result<IncomingReport, String>>,
     stop: bool,
 }
@@ -450,17 +455,17 @@ fn page_hash(page: &[u8]) -> [u8; PAGE_HASH] {
 /// reads its (paused, so frozen) memory after the migration; the
 /// destination assembles it as it applies pages.
 pub fn memory_digest(regions: &[GuestRegion]) -> Result<[u8; 32], HvError> {
-    let mut h = blake3::Hasher::new();
+    let mut hashes = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE];
     for r in regions {
         for p in 0..r.pages() {
             let n = PAGE_SIZE.min(r.len() - p * PAGE_SIZE);
             page[n..].fill(0);
             r.read(p * PAGE_SIZE, &mut page[..n])?;
-            h.update(&page_hash(&page));
+            hashes.push(page_hash(&page));
         }
     }
-    Ok(*h.finalize().as_bytes())
+    Ok(*blake3::hash(hashes.as_flattened()).as_bytes())
 }
 
 impl Incoming {
@@ -483,10 +488,25 @@ impl Incoming {
         let applier = std::thread::Builder::new()
             .name("dwcp-apply".into())
             .spawn(move || {
-                let r = apply_loop(&s, hv, corrupt);
-                let mut st = lock(&s.state);
-                st.outcome.get_or_insert(r);
-                drop(st);
+                match apply_loop(&s, hv, corrupt) {
+                    Ok((report, hashes)) => {
+                        // The guest runs: `End` can be answered now, and
+                        // the memory digest (a snapshot of the page hashes
+                        // as applied) is assembled after, outside the
+                        // downtime.
+                        {
+                            let mut st = lock(&s.state);
+                            st.running = true;
+                        }
+                        s.cond.notify_all();
+                        let mut report = report;
+                        report.memory_digest = *blake3::hash(hashes.as_flattened()).as_bytes();
+                        lock(&s.state).outcome.get_or_insert(Ok(report));
+                    }
+                    Err(e) => {
+                        lock(&s.state).outcome.get_or_insert(Err(e));
+                    }
+                }
                 s.cond.notify_all();
             })
             .ok();
@@ -594,6 +614,9 @@ impl RegionWriter for EndWriter {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut st = lock(&self.shared.state);
         loop {
+            if st.running {
+                return Ok(());
+            }
             if let Some(o) = &st.outcome {
                 return o.clone().map(|_| ());
             }
@@ -619,7 +642,7 @@ fn apply_loop(
     shared: &DestShared,
     mut hv: Box<dyn DestHypervisor>,
     corrupt: Option<u64>,
-) -> Result<IncomingReport, String> {
+) -> Result<(IncomingReport, Vec<[u8; PAGE_HASH]>), String> {
     let regions = hv.regions();
     let total: usize = regions.iter().map(GuestRegion::pages).sum();
     let mut written = vec![0u64; bitmap_words(total)];
@@ -636,7 +659,7 @@ fn apply_loop(
         if lock(&shared.state).stop {
             return Err("stopped".into());
         }
-        if let Some(r) = shared.mem.take(Duration::from_millis(5)) {
+        if let Some(r) = shared.mem.take(Duration::from_millis(1)) {
             let bytes = r.bytes.unwrap_or_default();
             match r.meta.first() {
                 Some(&PART_LAYOUT) => {
@@ -699,13 +722,7 @@ fn apply_loop(
                 hv.load_device_state(&blob).map_err(|e| e.to_string())?;
                 hv.resume().map_err(|e| e.to_string())?;
                 report.finish = t.elapsed();
-                // After the guest runs: the page hashes are a snapshot.
-                let mut h = blake3::Hasher::new();
-                for ph in &hashes {
-                    h.update(ph);
-                }
-                report.memory_digest = *h.finalize().as_bytes();
-                return Ok(report);
+                return Ok((report, hashes));
             }
         }
     }
