@@ -182,7 +182,7 @@ pub struct Report {
     pub iperf3_missing: bool,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
@@ -192,10 +192,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// A private directory holding the session key, removed on drop.
-struct KeyDir(PathBuf);
+pub(crate) struct KeyDir(PathBuf);
 
 impl KeyDir {
-    fn new() -> Result<KeyDir> {
+    pub(crate) fn new() -> Result<KeyDir> {
         let dir = std::env::temp_dir().join(format!("dwcp-bench-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::DirBuilder::new()
@@ -206,7 +206,7 @@ impl KeyDir {
         Key::write_new(&kd.key())?;
         Ok(kd)
     }
-    fn key(&self) -> PathBuf {
+    pub(crate) fn key(&self) -> PathBuf {
         self.0.join("key")
     }
 }
@@ -218,14 +218,14 @@ impl Drop for KeyDir {
 }
 
 /// A peer process: its guard, the lines it prints, and its stderr.
-struct Peer {
+pub(crate) struct Peer {
     child: ChildGuard,
-    lines: mpsc::Receiver<String>,
+    pub(crate) lines: mpsc::Receiver<String>,
     stderr: thread::JoinHandle<String>,
 }
 
 impl Peer {
-    fn spawn(mut cmd: Command, what: &str) -> Result<Peer> {
+    pub(crate) fn spawn(mut cmd: Command, what: &str) -> Result<Peer> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -259,7 +259,7 @@ impl Peer {
     /// must be success. Returns its last stdout line, a JSON object. (Each
     /// peer reports its own CPU over the session, leaving out its setup, so
     /// the whole-life figure of `wait4` is not used.)
-    fn finish(self, deadline: Instant, what: &str) -> Result<Value> {
+    pub(crate) fn finish(self, deadline: Instant, what: &str) -> Result<Value> {
         let (status, _) = self.child.wait_with_cpu(deadline)?;
         let stderr = self.stderr.join().unwrap_or_default();
         let last = self.lines.try_iter().last();

@@ -2,6 +2,7 @@
 
 mod bench_codec;
 mod bench_engine;
+mod bench_migration;
 mod bench_transport;
 mod demo;
 mod migrate;
@@ -266,6 +267,43 @@ enum BenchCmd {
     /// (optionally limited with tbf), next to `iperf3 -P N` on the same
     /// link. Needs root.
     Transport(TransportBenchArgs),
+    /// A live migration of the standard workload guest between two network
+    /// namespaces joined by veth (tbf-limited), as two processes.
+    Migration(MigrationBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrationBenchArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    ram: u64,
+    /// Rate at which the guest dirties memory, MiB/s.
+    #[arg(long, default_value_t = 30)]
+    dirty: u32,
+    /// tbf rate of the link (1gbit, 300mbit; 0 for unlimited).
+    #[arg(long, default_value = "1gbit", value_parser = transfer::parse_rate_limit)]
+    rate: u64,
+    /// Downtime limit.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    downtime: Duration,
+    /// Give up after this long.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    deadline: Duration,
+    /// Page codec policy: datacenter, internet, auto, none.
+    #[arg(long, default_value = "datacenter")]
+    mode: String,
+    /// Data streams: 1..=64, or auto.
+    #[arg(long, default_value = "4")]
+    streams: String,
+    /// Timed runs (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeat: u64,
+    /// Skip the untimed warm-up run.
+    #[arg(long)]
+    no_warmup: bool,
+    /// One JSON object (the medians) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -441,6 +479,27 @@ fn bench_transport(a: &TransportBenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_migration(a: &MigrationBenchArgs) -> Result<()> {
+    let o = bench_migration::Options {
+        ram: a.ram,
+        dirty: a.dirty,
+        rate_bps: a.rate,
+        downtime: a.downtime,
+        deadline: a.deadline,
+        mode: a.mode.clone(),
+        streams: a.streams.clone(),
+        repeat: a.repeat as usize,
+        warmup: !a.no_warmup,
+    };
+    let runs = bench_migration::run(&o, progress(a.json))?;
+    if a.json {
+        println!("{}", bench_migration::summary(&o, &runs));
+    } else {
+        bench_migration::print_table(&o, &runs);
+    }
+    Ok(())
+}
+
 fn emit(rows: &[bench_codec::Row], link_bps: u64, json: bool) {
     if json {
         for r in rows {
@@ -494,6 +553,7 @@ fn main() -> ExitCode {
         Cmd::Bench(BenchCmd::Codec(a)) => bench_codec(a),
         Cmd::Bench(BenchCmd::Engine(a)) => bench_engine(a),
         Cmd::Bench(BenchCmd::Transport(a)) => bench_transport(a),
+        Cmd::Bench(BenchCmd::Migration(a)) => bench_migration(a),
         Cmd::BenchPeer(BenchPeerCmd::Recv(a)) => {
             bench_transport::recv_peer(&bench_transport::RecvPeer {
                 listen: a.listen.clone(),

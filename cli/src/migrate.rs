@@ -1,7 +1,14 @@
 //! `dwcp migrate`: live migration of the KVM test guest between two
 //! processes (`--incoming ADDR` on the destination, `--to ADDR` on the
 //! source).
+//!
+//! Ctrl-C on the source cancels the migration (its guest runs on) unless
+//! the guest was already handed over; on the destination it discards the
+//! migration unless its guest was already started. Either side exits
+//! non-zero when the migration did not complete, saying why. A second
+//! Ctrl-C kills the process the usual way.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,11 +18,77 @@ use dwcp_engine::Engine;
 use dwcp_migration::controller::ControllerConfig;
 use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
-use dwcp_migration::precopy::{Incoming, MigrateConfig, memory_digest, migrate_out};
+use dwcp_migration::precopy::{
+    Incoming, MigrateConfig, MigrationError, memory_digest, migrate_out,
+};
 use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
 use serde_json::json;
 
 use crate::transfer::resolve;
+
+/// How long a stream of the source's session may go unanswered before it
+/// counts as failed (the transport's default is 10 s).
+const STALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the source tries to get a broken session back before it gives
+/// the migration up and its guest runs on (the default is 30 s).
+const RESUME_FOR: Duration = Duration::from_secs(3);
+/// Connecting to the destination, per attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the destination keeps a session whose connections all failed
+/// (the default is 30 s): longer than the source's [`RESUME_FOR`].
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Set by the SIGINT handler.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Catches the first SIGINT (Ctrl-C) into [`INTERRUPTED`] while it lives;
+/// the handler resets itself, so a second one kills the process.
+struct CatchSigint {
+    old: libc::sigaction,
+}
+
+impl CatchSigint {
+    fn install() -> Result<CatchSigint> {
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        // SAFETY: `sigaction` is plain old data, for which all zeroes is a
+        // valid value (no handler, empty mask, no flags).
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        act.sa_flags = libc::SA_RESTART | libc::SA_RESETHAND;
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: `act` and `old` are valid sigaction values that outlive
+        // the call; `sa_mask` was emptied by zeroing and is emptied again
+        // here with its own call; the handler only stores to an atomic.
+        let rc = unsafe {
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(libc::SIGINT, &act, &mut old)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing a SIGINT handler");
+        }
+        Ok(CatchSigint { old })
+    }
+
+    fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CatchSigint {
+    fn drop(&mut self) {
+        // SAFETY: restores the action saved by `install`, a valid value;
+        // a null old-action pointer is allowed.
+        unsafe {
+            libc::sigaction(libc::SIGINT, &self.old, std::ptr::null_mut());
+        }
+    }
+}
 
 /// Options of `dwcp migrate`.
 #[derive(Debug, Clone)]
@@ -102,6 +175,12 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
             // frames and checks them.
             policy: Policy::Stored,
             rate_limit: o.rate_limit_bps / 8,
+            // A migration holds a paused or throttled guest: a destination
+            // that is gone should cost seconds, not the transport's
+            // patient defaults.
+            connect_timeout: CONNECT_TIMEOUT,
+            stall_timeout: STALL_TIMEOUT,
+            resume_for: RESUME_FOR,
             ..SenderConfig::default()
         },
     )
@@ -117,13 +196,36 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
     };
     let json = o.json;
     let counter0 = src.counter();
-    let result = migrate_out(&mut src, &sender, &cfg, |m| {
-        if !json {
-            eprintln!("{m}");
-        }
+    let sigint = CatchSigint::install()?;
+    let finished = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        // Ctrl-C cancels the migration.
+        let token = cfg.cancel.clone();
+        let (sigint, finished) = (&sigint, &finished);
+        scope.spawn(move || {
+            while !finished.load(Ordering::Acquire) {
+                if sigint.interrupted() {
+                    eprintln!("interrupted: cancelling the migration");
+                    token.cancel();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = migrate_out(&mut src, &sender, &cfg, |m| {
+            if !json {
+                eprintln!("{m}");
+            }
+        });
+        finished.store(true, Ordering::Release);
+        r
     });
+    drop(sigint);
     match result {
         Ok(r) => {
+            if cfg.cancel.is_cancelled() {
+                eprintln!("interrupted too late: the guest had been handed over already");
+            }
             let _ = sender.close();
             let s = &r.summary;
             // Paused for good: this is the memory at the pause, hashed as
@@ -167,10 +269,23 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
             sender.cancel();
             let before = src.counter();
             std::thread::sleep(Duration::from_millis(200));
-            bail!(
-                "{e}; the source guest runs on (counter {before} -> {})",
-                src.counter()
-            )
+            let after = src.counter();
+            let cancelled = matches!(e, MigrationError::Cancelled(_));
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "name": "migrate",
+                        "result": if cancelled { "cancelled" } else { "failed" },
+                        "error": e.to_string(),
+                        "interrupted": cfg.cancel.is_cancelled(),
+                        "source_runs": after > before || o.dirty == 0,
+                        "counter_before": before,
+                        "counter_after": after,
+                    })
+                );
+            }
+            bail!("{e}; the source guest runs on (counter {before} -> {after})")
         }
     }
 }
@@ -209,6 +324,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         addr,
         ReceiverConfig {
             key: o.key.clone(),
+            grace: GRACE,
             ..ReceiverConfig::default()
         },
         incoming.sink(),
@@ -219,16 +335,40 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         o.ram >> 20,
         recv.local_addr()
     );
+    if o.json {
+        // For tools that start the source once the destination listens.
+        println!(
+            "{}",
+            json!({"name": "listening", "addr": recv.local_addr().to_string()})
+        );
+    }
     let waited = Instant::now();
-    let report = loop {
-        if let Some(r) = incoming.wait(Duration::from_secs(1)) {
-            break r.map_err(|e| anyhow!("the migration failed: {e}"))?;
+    let sigint = CatchSigint::install()?;
+    let outcome = loop {
+        if let Some(r) = incoming.wait_receiving(&recv, Duration::from_millis(100)) {
+            break r;
         }
-        if waited.elapsed() > o.deadline + Duration::from_secs(60) {
-            bail!(
-                "no migration arrived within {:?}",
+        if sigint.interrupted() {
+            // Refused once the guest is being started: then it runs here.
+            incoming.abandon("interrupted (Ctrl-C) before the guest started here");
+        } else if waited.elapsed() > o.deadline + Duration::from_secs(60) {
+            incoming.abandon(format!(
+                "no migration completed within {:?}",
                 o.deadline + Duration::from_secs(60)
-            );
+            ));
+        }
+    };
+    drop(sigint);
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            if o.json {
+                println!(
+                    "{}",
+                    json!({"name": "incoming", "result": "discarded", "error": e})
+                );
+            }
+            bail!("the migration was discarded, no guest was started here: {e}")
         }
     };
     let first = dst.lock().unwrap_or_else(|p| p.into_inner()).counter();

@@ -306,7 +306,8 @@ fn migrate_moves_a_running_guest_between_two_processes() {
         .read_to_string(&mut out)
         .unwrap();
     assert!(dst.0.wait().unwrap().success(), "destination failed: {out}");
-    let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // The last line is the result (a first one says where it listens).
+    let d: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     assert_eq!(
         src["memory_digest"], d["memory_digest"],
         "memory at the pause differs: {src} vs {d}"
@@ -474,6 +475,168 @@ fn bench_transport_moves_data_between_namespaces_and_survives_a_cut_stream() {
     let me = format!("dwcp-{pid}-");
     assert!(
         !String::from_utf8_lossy(&ns.stdout).contains(&me),
+        "namespaces left behind"
+    );
+}
+
+/// Starts `dwcp args` with piped output; returns it and a channel of its
+/// stderr lines.
+fn spawn_with_stderr_lines(args: &[&str]) -> (Kill, mpsc::Receiver<String>) {
+    let mut child = Command::new(DWCP)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    (Kill(child), rx)
+}
+
+/// Waits up to `limit` for `child` to exit; returns success and stdout.
+fn finish_within(child: &mut Kill, limit: Duration, what: &str) -> (bool, String) {
+    let deadline = Instant::now() + limit;
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (child.0.wait().unwrap().success(), out)
+}
+
+#[test]
+fn ctrl_c_on_the_source_cancels_a_migration_and_the_guest_runs_on() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("ctrl_c_on_the_source_cancels_a_migration: skipped: no /dev/kvm");
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let common = ["--ram", "128MiB", "--json", "--insecure-no-auth"];
+    let mut incoming = vec!["migrate", "--incoming", &addr];
+    incoming.extend(common);
+    let (mut dst, dst_err) = spawn_with_stderr_lines(&incoming);
+    let line = dst_err
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the destination starts");
+    assert!(line.contains("listening"), "{line}");
+    // 128 MiB at 100 Mbit/s: round 0 takes seconds.
+    let mut to = vec!["migrate", "--to", &addr, "--rate-limit", "100mbit"];
+    to.extend(common);
+    let (mut src, src_err) = spawn_with_stderr_lines(&to);
+    let line = src_err
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the source starts");
+    assert!(line.contains("source guest"), "{line}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = src.0.id() as libc::pid_t;
+    // SAFETY: kill(2) with the pid of a child this test owns (not yet
+    // reaped, so the pid is still its own) and a valid signal number.
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let sent = Instant::now();
+    let (ok, out) = finish_within(&mut src, Duration::from_secs(20), "the source");
+    let took = sent.elapsed();
+    let err: Vec<String> = src_err.try_iter().collect();
+    assert!(!ok, "the source must fail: {out} {err:?}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["result"], "cancelled", "{r} {err:?}");
+    assert_eq!(r["interrupted"], true, "{r}");
+    assert_eq!(r["source_runs"], true, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled by the caller"),
+        "{r}"
+    );
+    assert!(
+        err.iter().any(|l| l.contains("the source guest runs on")),
+        "{err:?}"
+    );
+    eprintln!("the source exited {took:?} after SIGINT");
+    // The destination discards it and says why.
+    let (ok, out) = finish_within(&mut dst, Duration::from_secs(20), "the destination");
+    assert!(!ok, "the destination must fail: {out}");
+    let d: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(d["result"], "discarded", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled by the caller"),
+        "{d}"
+    );
+}
+
+#[test]
+fn bench_migration_moves_a_guest_between_namespaces_and_verifies_it() {
+    if !root() {
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("bench migration: skipped: no /dev/kvm");
+        return;
+    }
+    let (ok, out, err, pid) = dwcp_pid(
+        &[
+            "bench",
+            "migration",
+            "--ram",
+            "64MiB",
+            "--dirty",
+            "10",
+            "--rate",
+            "1gbit",
+            "--repeat",
+            "1",
+            "--no-warmup",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(ok, "bench migration failed: {err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "total_ms",
+        "downtime_ms",
+        "rounds",
+        "guest_bytes",
+        "wire_bytes",
+        "converged",
+        "throttled",
+        "guest_dirty_mibps",
+        "verified",
+    ] {
+        assert!(!r[k].is_null(), "no {k}: {r}");
+    }
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["converged"], true, "{r}");
+    assert_eq!(r["rate"], 1_000_000_000u64, "{r}");
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains(&format!("dwcp-{pid}-")),
         "namespaces left behind"
     );
 }

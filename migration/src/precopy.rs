@@ -15,17 +15,42 @@
 //! every batch is applied, the device state is loaded and the guest runs:
 //! the source's success means the destination runs. Any failure before that
 //! leaves the source guest running.
+//!
+//! # Cancelling
+//!
+//! A migration ends without moving the guest when the caller cancels it
+//! ([`MigrateConfig::cancel`], a [`CancelToken`]), when the controller gives
+//! up (deadline, round limit, no convergence; the deadline is also checked
+//! between batches, so a long round does not outlive it), or when anything
+//! fails. The source checks the token between batches, between rounds and
+//! every few milliseconds while it waits, and honours it up to the moment
+//! it sends `End` (stop-and-copy included: the paused guest is resumed).
+//! After `End` the outcome belongs to the destination. Waiting for one
+//! batch's confirmation is not interruptible, so a cancel takes effect
+//! within about one batch's transfer time (16 MiB of guest pages at most,
+//! less once compressed).
+//!
+//! On any failure the source resumes its guest and tells the destination
+//! why in a `Cancel` part (best effort: only a live session carries it).
+//! The destination ([`Incoming`]) discards the migration, never starting
+//! its guest, when it hears that, when a part fails or is discarded by the
+//! transport (the session ended or its grace period ran out with parts
+//! unfinished), when the session ends before `End`
+//! ([`Incoming::wait_receiving`]), or when its owner gives up
+//! ([`Incoming::abandon`]). Starting the guest and discarding are decided
+//! under one lock, so exactly one of them happens.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use dwcp_codec::{CodecConfig, DecodedPage, Decoder, Encoder, PageRef, Policy};
-use dwcp_transport::{MemorySink, RegionInfo, RegionWriter, Sender, Sink};
+use dwcp_transport::{MemorySink, Receiver, RegionInfo, RegionWriter, Sender, Sink};
 
 use crate::controller::{
-    ControllerConfig, Decision, MigrationSummary, PrecopyController, RoundMetrics, RoundReport,
-    StopCopyReport,
+    CancelReason, ControllerConfig, Decision, MigrationSummary, PrecopyController, RoundMetrics,
+    RoundReport, StopCopyReport,
 };
 use crate::hv::{DestHypervisor, GuestRegion, HvError, PAGE_SIZE, SourceHypervisor, bitmap_words};
 
@@ -42,11 +67,45 @@ const PART_LAYOUT: u8 = 1;
 const PART_PAGES: u8 = 2;
 const PART_DEVICE: u8 = 3;
 const PART_END: u8 = 4;
+/// The source gave up; the rest of the metadata is why (UTF-8).
+const PART_CANCEL: u8 = 5;
+/// Longest reason a `Cancel` part carries.
+const MAX_CANCEL_REASON: usize = 1024;
+/// Longest uninterrupted sleep of the source while it waits.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+/// What the source's error says when its token was cancelled.
+pub const CANCELLED_BY_CALLER: &str = "cancelled by the caller";
+
+/// Cancels a migration from another thread: every clone shares one flag,
+/// which [`migrate_out`] reads between batches, between rounds and while
+/// it waits. Cancelling is final.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the migration to stop; it returns
+    /// [`MigrationError::Cancelled`] and its source guest runs on, unless
+    /// it already sent `End`.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called on this token or a clone.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// A migration that did not complete; the source guest runs on.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    /// The controller gave up (deadline, round limit, no convergence).
+    /// The controller gave up (deadline, round limit, no convergence), or
+    /// the caller cancelled ([`CANCELLED_BY_CALLER`]).
     #[error("migration cancelled: {0}")]
     Cancelled(String),
     /// The hypervisor failed.
@@ -69,6 +128,9 @@ pub struct MigrateConfig {
     pub policy: Policy,
     /// Independent codec streams (at least 1).
     pub shards: usize,
+    /// Cancels the migration when cancelled (from any thread); a fresh
+    /// token by default.
+    pub cancel: CancelToken,
 }
 
 impl Default for MigrateConfig {
@@ -77,6 +139,42 @@ impl Default for MigrateConfig {
             controller: ControllerConfig::default(),
             policy: Policy::Datacenter,
             shards: 2,
+            cancel: CancelToken::default(),
+        }
+    }
+}
+
+/// When the source must stop: the caller's token, and during pre-copy
+/// rounds the controller's deadline.
+struct Guard<'a> {
+    cancel: &'a CancelToken,
+    /// `None` in stop-and-copy, whose pause is short and already decided.
+    deadline: Option<Instant>,
+}
+
+impl Guard<'_> {
+    fn check(&self) -> Result<(), MigrationError> {
+        if self.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled(CANCELLED_BY_CALLER.into()));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(MigrationError::Cancelled(format!(
+                "{} (while sending a round)",
+                CancelReason::DeadlineExceeded
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sleeps until `until`, checking every [`CANCEL_POLL`].
+    fn sleep_until(&self, until: Instant) -> Result<(), MigrationError> {
+        loop {
+            self.check()?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(CANCEL_POLL));
         }
     }
 }
@@ -149,10 +247,17 @@ impl<'a> Pump<'a> {
         })
     }
 
-    /// Sends `pages` (global page numbers, ascending) read from `regions`.
-    fn send(&mut self, regions: &[GuestRegion], pages: &[u64]) -> Result<Sent, MigrationError> {
+    /// Sends `pages` (global page numbers, ascending) read from `regions`,
+    /// checking `guard` before each batch and each wait.
+    fn send(
+        &mut self,
+        regions: &[GuestRegion],
+        pages: &[u64],
+        guard: &Guard<'_>,
+    ) -> Result<Sent, MigrationError> {
         let mut sent = Sent::default();
         for (b, batch) in pages.chunks(BATCH_PAGES).enumerate() {
+            guard.check()?;
             let shard = b % self.encoders.len();
             let mut bytes = Vec::new();
             for group in batch.chunks(FRAME_PAGES) {
@@ -178,17 +283,23 @@ impl<'a> Pump<'a> {
             }
             let seq = self.seqs[shard];
             self.seqs[shard] += 1;
-            self.submit(meta_pages(shard as u16, seq), bytes)?;
+            self.submit(meta_pages(shard as u16, seq), bytes, guard)?;
         }
         Ok(sent)
     }
 
-    fn submit(&mut self, meta: Vec<u8>, bytes: Vec<u8>) -> Result<(), MigrationError> {
+    fn submit(
+        &mut self,
+        meta: Vec<u8>,
+        bytes: Vec<u8>,
+        guard: &Guard<'_>,
+    ) -> Result<(), MigrationError> {
         let digest = *blake3::hash(&bytes).as_bytes();
         let id = self.sender.open_region(meta, Arc::new(bytes))?;
         self.sender.close_region(id, digest)?;
         self.in_flight.push_back(id);
         while self.in_flight.len() > IN_FLIGHT {
+            guard.check()?;
             self.wait_one()?;
         }
         Ok(())
@@ -201,8 +312,13 @@ impl<'a> Pump<'a> {
         Ok(())
     }
 
-    fn drain(&mut self) -> Result<(), MigrationError> {
+    /// Waits for every batch in flight, checking `guard` (if any) between
+    /// them.
+    fn drain(&mut self, guard: Option<&Guard<'_>>) -> Result<(), MigrationError> {
         while !self.in_flight.is_empty() {
+            if let Some(g) = guard {
+                g.check()?;
+            }
             self.wait_one()?;
         }
         Ok(())
@@ -251,8 +367,18 @@ fn dirty_pages(
 
 /// Migrates the guest behind `hv` over `sender`'s session. On success the
 /// destination runs the guest and this one stays paused; on any error the
-/// source guest runs on (resumed, unthrottled, dirty log stopped).
+/// source guest runs on (resumed, unthrottled, dirty log stopped) and the
+/// destination is told why, so that it discards what it received.
 /// `on_round` hears every round's figures as they come.
+///
+/// Cancelling [`MigrateConfig::cancel`] makes it return
+/// [`MigrationError::Cancelled`] ([`CANCELLED_BY_CALLER`]) within about one
+/// batch's transfer time, unless `End` was sent already. When the session
+/// fails (the destination is gone), it returns a transport error once the
+/// sender gives the session up: about the sender's `resume_for` after the
+/// connections break, or its `stall_timeout` more when the peer vanishes
+/// without closing them. After an error, cancel the sender
+/// ([`Sender::cancel`]): batches still queued are not worth sending.
 pub fn migrate_out(
     hv: &mut dyn SourceHypervisor,
     sender: &Sender,
@@ -261,15 +387,31 @@ pub fn migrate_out(
 ) -> Result<MigrationReport, MigrationError> {
     let mut paused = false;
     let r = run_source(hv, sender, cfg, &mut on_round, &mut paused);
-    if r.is_err() {
+    if let Err(e) = &r {
         // The source keeps running, whatever failed.
         if paused {
             let _ = hv.resume();
         }
         let _ = hv.throttle(0);
         let _ = hv.stop_dirty_log();
+        tell_destination(sender, e);
     }
     r
+}
+
+/// Sends a `Cancel` part saying why the migration ended, without waiting
+/// for it: a dead session just refuses it.
+fn tell_destination(sender: &Sender, why: &MigrationError) {
+    let text = why.to_string();
+    let mut end = text.len().min(MAX_CANCEL_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut meta = vec![PART_CANCEL];
+    meta.extend_from_slice(&text.as_bytes()[..end]);
+    if let Ok(id) = sender.open_region(meta, Arc::new(Vec::new())) {
+        let _ = sender.close_region(id, *blake3::hash(&[]).as_bytes());
+    }
 }
 
 fn run_source(
@@ -279,6 +421,11 @@ fn run_source(
     on_round: &mut dyn FnMut(&RoundMetrics),
     paused: &mut bool,
 ) -> Result<MigrationReport, MigrationError> {
+    let mut guard = Guard {
+        cancel: &cfg.cancel,
+        deadline: None,
+    };
+    guard.check()?;
     let regions = hv.regions();
     let total_pages: u64 = regions.iter().map(|r| r.pages() as u64).sum();
     let mut ctl = PrecopyController::new(cfg.controller.clone(), total_pages)
@@ -289,6 +436,7 @@ fn run_source(
     sender.send_region(layout.clone(), Arc::new(Vec::new()))?;
 
     let start = Instant::now();
+    guard.deadline = cfg.controller.deadline.map(|d| start + d);
     hv.start_dirty_log()?;
     // A tracker may report every page on its first read: round 0 sends
     // every page anyway, so that read is spent here.
@@ -298,8 +446,8 @@ fn run_source(
     loop {
         let started = start.elapsed();
         let wire0 = sender.metrics().wire_bytes;
-        let sent = pump.send(&regions, &pages)?;
-        pump.drain()?;
+        let sent = pump.send(&regions, &pages, &guard)?;
+        pump.drain(Some(&guard))?;
         let send_done = start.elapsed();
         let dirty = dirty_pages(hv, &regions)?;
         let m = sender.metrics();
@@ -330,10 +478,7 @@ fn run_source(
                 if let Some(p) = throttle {
                     hv.throttle(p)?;
                 }
-                let now = start.elapsed();
-                if end_not_before > now {
-                    std::thread::sleep(end_not_before - now);
-                }
+                guard.sleep_until(start + end_not_before)?;
                 // Pages dirtied while waiting go in this round too.
                 let more = dirty_pages(hv, &regions)?;
                 pages = merge(pages, more);
@@ -346,7 +491,10 @@ fn run_source(
         }
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy: the controller decided, so no deadline now; the
+    // caller may still cancel until `End` goes out.
+    guard.deadline = None;
+    guard.check()?;
     let wire0 = sender.metrics().wire_bytes;
     let pause_at = start.elapsed();
     let t0 = Instant::now();
@@ -354,9 +502,9 @@ fn run_source(
     *paused = true;
     let last = dirty_pages(hv, &regions)?;
     let pages = merge(pages, last);
-    let sent = pump.send(&regions, &pages)?;
+    let sent = pump.send(&regions, &pages, &guard)?;
     let state = hv.save_device_state()?;
-    pump.submit(vec![PART_DEVICE], state)?;
+    pump.submit(vec![PART_DEVICE], state, &guard)?;
     let mut end = vec![PART_END];
     end.extend_from_slice(&(pump.seqs.len() as u16).to_le_bytes());
     for s in &pump.seqs {
@@ -364,10 +512,12 @@ fn run_source(
     }
     // No wait for the last batches: the destination finishes `End` only
     // once every batch it names is applied, so DONE of `End` means all of
-    // them arrived, were verified and applied, and the guest runs.
+    // them arrived, were verified and applied, and the guest runs. The
+    // last moment to cancel: from here the destination decides.
+    guard.check()?;
     sender.send_region(end, Arc::new(Vec::new()))?;
     let downtime = t0.elapsed();
-    pump.drain()?;
+    pump.drain(None)?;
     let _ = hv.stop_dirty_log();
     let m = sender.metrics();
     ctl.handle_stop_copy(StopCopyReport {
@@ -416,12 +566,36 @@ struct DestShared {
 struct DestState {
     /// Batches each shard needs, once `End` told.
     end: Option<Vec<u32>>,
+    /// The applier is starting the guest: the migration can no longer be
+    /// abandoned.
+    committed: bool,
     /// The destination guest runs.
     running: bool,
     /// `Some(result)` once the guest runs (and its memory digest is
-    /// assembled) or the migration failed.
+    /// assembled) or the migration failed. An error here is final: the
+    /// guest is never started after it.
     outcome: Option<Result<IncomingReport, String>>,
+    /// A part of the session was opened: a session exists.
+    seen_session: bool,
     stop: bool,
+}
+
+impl DestShared {
+    /// Fails the migration with `reason` unless the guest is being (or
+    /// was) started or it failed already; true when this call failed it.
+    fn abandon(&self, reason: String) -> bool {
+        let done = {
+            let mut st = lock(&self.state);
+            if st.committed || st.outcome.is_some() {
+                false
+            } else {
+                st.outcome = Some(Err(reason));
+                true
+            }
+        };
+        self.cond.notify_all();
+        done
+    }
 }
 
 /// What the destination did.
@@ -520,7 +694,9 @@ impl Incoming {
         })
     }
 
-    /// Waits up to `wait` for the guest to run (or the migration to fail).
+    /// Waits up to `wait` for the guest to run (or the migration to fail);
+    /// `None` when neither happened yet. An error says why the migration
+    /// was discarded; the guest is then never started.
     pub fn wait(&self, wait: Duration) -> Option<Result<IncomingReport, String>> {
         let deadline = Instant::now() + wait;
         let mut st = lock(&self.shared.state);
@@ -539,6 +715,45 @@ impl Incoming {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+
+    /// [`Incoming::wait`] that also watches `receiver` (the one given
+    /// [`Incoming::sink`]): once a session has begun, no session left
+    /// before the guest runs (the source said `BYE` without `End`, or its
+    /// connections failed and the receiver's grace period ran out) fails
+    /// the migration.
+    pub fn wait_receiving(
+        &self,
+        receiver: &Receiver,
+        wait: Duration,
+    ) -> Option<Result<IncomingReport, String>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(o) = self.wait(left.min(Duration::from_millis(50))) {
+                return Some(o);
+            }
+            if lock(&self.shared.state).seen_session
+                && receiver.sessions() == 0
+                && self
+                    .shared
+                    .abandon("the session ended before the migration finished".into())
+            {
+                return self.wait(Duration::ZERO);
+            }
+            if left.is_zero() {
+                return None;
+            }
+        }
+    }
+
+    /// Gives the migration up (the owner stops waiting, say): unless the
+    /// guest is already being started, the migration fails with `reason`,
+    /// what arrives from then on is refused, and the guest is never
+    /// started. Returns whether it was given up; false when the guest
+    /// runs (or is about to) or the migration had failed already.
+    pub fn abandon(&self, reason: impl Into<String>) -> bool {
+        self.shared.abandon(reason.into())
     }
 }
 
@@ -562,6 +777,15 @@ struct DestSink {
 
 impl Sink for DestSink {
     fn open(&self, info: &RegionInfo) -> Result<Arc<dyn RegionWriter>, String> {
+        {
+            let mut st = lock(&self.shared.state);
+            st.seen_session = true;
+            match &st.outcome {
+                Some(Err(e)) => return Err(format!("the migration was discarded: {e}")),
+                Some(Ok(_)) => return Err("the migration is complete".into()),
+                None => {}
+            }
+        }
         match info.meta.first() {
             Some(&PART_END) => {
                 let counts = parse_end(&info.meta)?;
@@ -570,10 +794,76 @@ impl Sink for DestSink {
                     counts,
                 }))
             }
-            Some(&(PART_LAYOUT | PART_PAGES | PART_DEVICE)) => self.shared.mem.handle().open(info),
+            Some(&PART_CANCEL) => {
+                let why = String::from_utf8_lossy(&info.meta[1..]);
+                self.shared
+                    .abandon(format!("the source gave the migration up: {why}"));
+                Ok(Arc::new(NoticeWriter))
+            }
+            Some(&(PART_LAYOUT | PART_PAGES | PART_DEVICE)) => Ok(Arc::new(PartWriter {
+                inner: self.shared.mem.handle().open(info)?,
+                shared: self.shared.clone(),
+            })),
             _ => Err("not a migration part".into()),
         }
     }
+}
+
+/// A part received into memory: a part that fails its check or is
+/// discarded by the transport (its session ended or expired) fails the
+/// migration, as the source cannot finish it.
+struct PartWriter {
+    inner: Arc<dyn RegionWriter>,
+    shared: Arc<DestShared>,
+}
+
+impl RegionWriter for PartWriter {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.inner.write_at(offset, data)
+    }
+
+    fn write_digested(
+        &self,
+        offset: u64,
+        data: &[u8],
+        digest: &dwcp_codec::ChunkDigest,
+    ) -> Result<(), String> {
+        self.inner.write_digested(offset, data, digest)
+    }
+
+    fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
+        if let Some(Err(e)) = &lock(&self.shared.state).outcome {
+            // Discarded: the source hears why in this part's `DONE`.
+            return Err(format!("the migration was discarded: {e}"));
+        }
+        self.inner.finish(len, digest).inspect_err(|e| {
+            self.shared
+                .abandon(format!("a migration part was refused: {e}"));
+        })
+    }
+
+    fn abort(&self) {
+        self.inner.abort();
+        self.shared.abandon(
+            "the session ended before the migration finished (unfinished parts were discarded)"
+                .into(),
+        );
+    }
+}
+
+/// `Cancel`: carries nothing; opening it was the message.
+struct NoticeWriter;
+
+impl RegionWriter for NoticeWriter {
+    fn write_at(&self, _: u64, _: &[u8]) -> Result<(), String> {
+        Err("Cancel carries no bytes".into())
+    }
+
+    fn finish(&self, _: u64, _: &[u8; 32]) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn abort(&self) {}
 }
 
 fn parse_end(meta: &[u8]) -> Result<Vec<u32>, String> {
@@ -621,9 +911,21 @@ impl RegionWriter for EndWriter {
                 return o.clone().map(|_| ());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err("the destination did not start the guest within 30 s".into());
+            if left.is_zero() && !st.committed {
+                // Given up here, so never started after the source hears
+                // it failed (and runs on).
+                let why = "the destination did not start the guest within 30 s".to_string();
+                st.outcome = Some(Err(why.clone()));
+                drop(st);
+                self.shared.cond.notify_all();
+                return Err(why);
             }
+            // Committed: the guest is being started; its outcome is near.
+            let left = if left.is_zero() {
+                Duration::from_millis(100)
+            } else {
+                left
+            };
             st = self
                 .shared
                 .cond
@@ -633,7 +935,12 @@ impl RegionWriter for EndWriter {
         }
     }
 
-    fn abort(&self) {}
+    fn abort(&self) {
+        // The session ended before the source heard `DONE` of `End`: it
+        // runs on, so this guest must not start (a no-op once committed).
+        self.shared
+            .abandon("the session ended before the migration finished".into());
+    }
 }
 
 /// Applies batches in per-shard order as they are verified; at `End`,
@@ -656,8 +963,15 @@ fn apply_loop(
     let mut report = IncomingReport::default();
     let mut end_at: Option<Instant> = None;
     loop {
-        if lock(&shared.state).stop {
-            return Err("stopped".into());
+        {
+            let st = lock(&shared.state);
+            if st.stop {
+                return Err("stopped".into());
+            }
+            if let Some(Err(e)) = &st.outcome {
+                // Abandoned: the guest never starts.
+                return Err(e.clone());
+            }
         }
         if let Some(r) = shared.mem.take(Duration::from_millis(1)) {
             let bytes = r.bytes.unwrap_or_default();
@@ -718,6 +1032,15 @@ fn apply_loop(
                 .enumerate()
                 .all(|(s, &c)| next.get(s).copied().unwrap_or(0) >= c);
             if complete && device.is_some() {
+                {
+                    // Starting and abandoning are decided here, under one
+                    // lock: from now on `abandon` is refused.
+                    let mut st = lock(&shared.state);
+                    if let Some(Err(e)) = &st.outcome {
+                        return Err(e.clone());
+                    }
+                    st.committed = true;
+                }
                 let blob = device.take().unwrap_or_default();
                 hv.load_device_state(&blob).map_err(|e| e.to_string())?;
                 hv.resume().map_err(|e| e.to_string())?;
@@ -811,4 +1134,85 @@ fn apply(
         at += n;
     }
     Ok(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::SyntheticGuest;
+    use dwcp_engine::Engine;
+    use dwcp_transport::{ReceiverConfig, SenderConfig, StreamCount};
+
+    #[test]
+    fn a_token_cancels_all_its_clones() {
+        let t = CancelToken::new();
+        let c = t.clone();
+        assert!(!c.is_cancelled());
+        t.cancel();
+        assert!(c.is_cancelled() && t.is_cancelled());
+        assert!(!MigrateConfig::default().cancel.is_cancelled());
+    }
+
+    #[test]
+    fn an_abandoned_migration_fails_once_and_for_good() {
+        let dst = SyntheticGuest::destination(1 << 20, 0).unwrap();
+        let incoming = Incoming::new(Box::new(dst), 16 << 20);
+        assert!(incoming.wait(Duration::from_millis(10)).is_none());
+        assert!(incoming.abandon("the owner gave up"));
+        assert!(!incoming.abandon("again"), "the first reason stays");
+        match incoming.wait(Duration::from_secs(1)) {
+            Some(Err(e)) => assert_eq!(e, "the owner gave up"),
+            other => panic!("{other:?}"),
+        }
+        // What arrives later is refused.
+        let refused = incoming.sink().open(&RegionInfo {
+            region: 9,
+            len: Some(0),
+            meta: vec![PART_LAYOUT],
+        });
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn a_session_that_ends_without_end_is_discarded() {
+        let dst = SyntheticGuest::destination(1 << 20, 0).unwrap();
+        let regions = DestHypervisor::regions(&dst);
+        let incoming = Incoming::new(Box::new(dst), 16 << 20);
+        let (rx, tx) = (
+            Engine::builder().workers(1).build().unwrap(),
+            Engine::builder().workers(1).build().unwrap(),
+        );
+        let recv = Receiver::bind(
+            &rx,
+            "127.0.0.1:0".parse().unwrap(),
+            ReceiverConfig::default(),
+            incoming.sink(),
+        )
+        .unwrap();
+        let sender = Sender::connect(
+            &tx,
+            recv.local_addr(),
+            SenderConfig {
+                streams: StreamCount::Fixed(1),
+                ..SenderConfig::default()
+            },
+        )
+        .unwrap();
+        // A migration begins: every part it sent is finished...
+        sender
+            .send_region(layout_bytes(&regions), Arc::new(Vec::new()))
+            .unwrap();
+        assert!(
+            incoming
+                .wait_receiving(&recv, Duration::from_millis(200))
+                .is_none()
+        );
+        // ... and its session ends cleanly without `End`.
+        sender.close().unwrap();
+        match incoming.wait_receiving(&recv, Duration::from_secs(5)) {
+            Some(Err(e)) => assert!(e.contains("session ended before"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        recv.close().unwrap();
+    }
 }

@@ -1,15 +1,18 @@
 //! A KVM guest migrated live between two guests of this process over an
 //! AMST session on loopback, while it keeps dirtying memory. Skips (and
-//! says why) where KVM cannot create a VM.
+//! says why) where KVM cannot create a VM. Migrations that do not complete
+//! (cancelled by the caller, destination gone, deadline, round limit)
+//! leave the source running and the destination's guest never started.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dwcp_engine::Engine;
+use dwcp_migration::controller::ControllerConfig;
 use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult, PAGE_SIZE, SourceHypervisor};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
-use dwcp_migration::precopy::{self, Incoming, MigrateConfig, migrate_out};
+use dwcp_migration::precopy::{self, Incoming, MigrateConfig, MigrationError, migrate_out};
 use dwcp_migration::synthetic::SyntheticGuest;
 use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
 
@@ -48,6 +51,11 @@ impl<G: DestHypervisor> DestHypervisor for Recorded<G> {
 
 /// A receiver with `incoming`'s sink and a sender to it, on loopback.
 fn session(incoming: &Incoming) -> (Receiver, Sender, Engine, Engine) {
+    session_with(incoming, SenderConfig::default())
+}
+
+/// [`session`] with `cfg`'s rate limit and timeouts.
+fn session_with(incoming: &Incoming, cfg: SenderConfig) -> (Receiver, Sender, Engine, Engine) {
     let key = Key::generate().unwrap();
     let (rx_engine, tx_engine) = (
         Engine::builder().workers(1).build().unwrap(),
@@ -70,11 +78,70 @@ fn session(incoming: &Incoming) -> (Receiver, Sender, Engine, Engine) {
             key: Some(key),
             streams: StreamCount::Fixed(2),
             policy: dwcp_codec::Policy::Stored,
-            ..SenderConfig::default()
+            ..cfg
         },
     )
     .unwrap();
     (recv, sender, rx_engine, tx_engine)
+}
+
+/// A session slowed to 200 Mbit/s, that gives a dead peer up within a few
+/// seconds (stall 2 s, resume 3 s), as `dwcp migrate` does.
+fn slow_session(incoming: &Incoming) -> (Receiver, Sender, Engine, Engine) {
+    session_with(
+        incoming,
+        SenderConfig {
+            rate_limit: 200_000_000 / 8,
+            connect_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(2),
+            resume_for: Duration::from_secs(3),
+            ..SenderConfig::default()
+        },
+    )
+}
+
+/// What [`Recorded`] records: the digest of the memory a destination
+/// guest started from, once started.
+type Started = Arc<Mutex<Option<[u8; 32]>>>;
+
+/// A synthetic destination, shared with the test, and its `Incoming`.
+fn synthetic_destination(ram: usize) -> (Arc<Mutex<SyntheticGuest>>, Started, Incoming) {
+    let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 30).unwrap()));
+    let started = Started::default();
+    let incoming = Incoming::new(
+        Box::new(Recorded {
+            guest: dst.clone(),
+            digest: started.clone(),
+        }),
+        1 << 30,
+    );
+    (dst, started, incoming)
+}
+
+/// The source's counter moves on over 300 ms.
+fn assert_runs_on(counter: impl Fn() -> u64, what: &str) {
+    let before = counter();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counter();
+    assert!(after > before, "{what}: counter {before} -> {after}");
+}
+
+/// The destination discarded the migration, saying `why`, and never
+/// started its guest.
+fn assert_discarded(
+    incoming: &Incoming,
+    dst: &Mutex<SyntheticGuest>,
+    started: &Mutex<Option<[u8; 32]>>,
+    why: &str,
+) {
+    let outcome = incoming.wait(Duration::from_secs(10));
+    match &outcome {
+        Some(Err(e)) => assert!(e.contains(why), "the destination says {e:?}, not {why:?}"),
+        other => panic!("the destination should have discarded it: {other:?}"),
+    }
+    assert!(started.lock().unwrap().is_none(), "the destination started");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(dst.lock().unwrap().counter(), 0, "the destination runs");
 }
 
 #[test]
@@ -203,5 +270,213 @@ fn a_running_guest_moves_live_and_keeps_counting() {
         report.downtime,
         report.wire_bytes
     );
+    recv.close().unwrap();
+}
+
+#[test]
+fn a_migration_cancelled_mid_way_leaves_the_source_running() {
+    // 256 MiB at 200 Mbit/s: round 0 alone takes seconds.
+    let ram = 256 << 20;
+    let mut src = SyntheticGuest::source(ram, 30, 11).unwrap();
+    let (dst, started, incoming) = synthetic_destination(ram);
+    let (recv, sender, _rx, _tx) = slow_session(&incoming);
+    let cfg = MigrateConfig::default();
+    let token = cfg.cancel.clone();
+    let mut rounds = 0;
+    let (result, latency) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let r = migrate_out(&mut src, &sender, &cfg, |_| rounds += 1);
+            (r, Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let at = Instant::now();
+        token.cancel();
+        let (r, done) = h.join().unwrap();
+        (r, done.saturating_duration_since(at))
+    });
+    eprintln!("cancelled 200 ms in ({rounds} rounds done); returned {latency:?} after the cancel");
+    match &result {
+        Err(MigrationError::Cancelled(why)) => {
+            assert_eq!(why, precopy::CANCELLED_BY_CALLER);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        result
+            .unwrap_err()
+            .to_string()
+            .contains("cancelled by the caller")
+    );
+    assert!(latency < Duration::from_secs(3), "{latency:?}");
+    assert_runs_on(|| src.counter(), "the source after the cancel");
+    assert_discarded(&incoming, &dst, &started, "cancelled by the caller");
+    sender.cancel();
+    recv.close().unwrap();
+    assert_runs_on(|| src.counter(), "the source after the session");
+}
+
+#[test]
+fn a_destination_that_dies_mid_way_leaves_the_source_running() {
+    let ram = 256 << 20;
+    let mut src = SyntheticGuest::source(ram, 30, 12).unwrap();
+    let (dst, started, incoming) = synthetic_destination(ram);
+    let (recv, sender, rx, _tx) = slow_session(&incoming);
+    let (result, took) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let r = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {});
+            (r, Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The destination process dies: its listener and every connection
+        // go at once.
+        let at = Instant::now();
+        drop(recv);
+        drop(rx);
+        let (r, done) = h.join().unwrap();
+        (r, done.saturating_duration_since(at))
+    });
+    eprintln!("destination killed mid round 0; the source gave up {took:?} later: {result:?}");
+    assert!(
+        matches!(result, Err(MigrationError::Transport(_))),
+        "{result:?}"
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_runs_on(|| src.counter(), "the source after the destination died");
+    // Parts still unfinished when the receiver closed were discarded,
+    // which fails the migration; with none in flight at that moment it is
+    // just never completed. Either way the guest never starts.
+    let outcome = incoming.wait(Duration::from_millis(500));
+    assert!(
+        matches!(&outcome, None | Some(Err(_))),
+        "the destination should not have completed: {outcome:?}"
+    );
+    assert!(started.lock().unwrap().is_none(), "the destination started");
+    assert_eq!(dst.lock().unwrap().counter(), 0, "the destination runs");
+    sender.cancel();
+}
+
+#[test]
+fn past_its_round_limit_a_migration_cancels_and_the_source_runs_on() {
+    // One round only, no throttling, and a guest dirtying faster than a
+    // 50 ms stop could carry.
+    let ram = 64 << 20;
+    let mut src = SyntheticGuest::source(ram, 60, 13).unwrap();
+    let (dst, started, incoming) = synthetic_destination(ram);
+    let (recv, sender, _rx, _tx) = slow_session(&incoming);
+    let cfg = MigrateConfig {
+        controller: ControllerConfig {
+            max_rounds: 1,
+            allow_throttle: false,
+            ..ControllerConfig::default()
+        },
+        ..MigrateConfig::default()
+    };
+    let t = Instant::now();
+    let result = migrate_out(&mut src, &sender, &cfg, |_| {});
+    eprintln!(
+        "round limit: {:?} after {:?}",
+        result.as_ref().err(),
+        t.elapsed()
+    );
+    match &result {
+        Err(e @ MigrationError::Cancelled(why)) => {
+            assert!(why.contains("round limit"), "{why}");
+            assert!(e.to_string().contains("round limit reached"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_runs_on(|| src.counter(), "the source after the round limit");
+    assert_discarded(&incoming, &dst, &started, "round limit reached");
+    sender.cancel();
+    recv.close().unwrap();
+}
+
+#[test]
+fn past_its_deadline_a_migration_cancels_mid_round_and_the_source_runs_on() {
+    // Round 0 of 256 MiB at 200 Mbit/s takes seconds; the deadline is 300
+    // ms, so it passes mid-round.
+    let ram = 256 << 20;
+    let mut src = SyntheticGuest::source(ram, 30, 14).unwrap();
+    let (dst, started, incoming) = synthetic_destination(ram);
+    let (recv, sender, _rx, _tx) = slow_session(&incoming);
+    let cfg = MigrateConfig {
+        controller: ControllerConfig {
+            deadline: Some(Duration::from_millis(300)),
+            allow_throttle: false,
+            ..ControllerConfig::default()
+        },
+        ..MigrateConfig::default()
+    };
+    let t = Instant::now();
+    let result = migrate_out(&mut src, &sender, &cfg, |_| {});
+    let took = t.elapsed();
+    eprintln!(
+        "deadline 300 ms: {:?} after {took:?}",
+        result.as_ref().err()
+    );
+    match &result {
+        Err(MigrationError::Cancelled(why)) => assert!(why.contains("deadline exceeded"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_runs_on(|| src.counter(), "the source after the deadline");
+    assert_discarded(&incoming, &dst, &started, "deadline exceeded");
+    sender.cancel();
+    recv.close().unwrap();
+}
+
+#[test]
+fn a_kvm_migration_cancelled_mid_way_leaves_the_source_running() {
+    if let Err(why) = kvm_available() {
+        eprintln!("a_kvm_migration_cancelled_mid_way_leaves_the_source_running: skipped: {why}");
+        return;
+    }
+    let cfg = GuestConfig {
+        ram: 64 << 20,
+        dirty_mibps: 30,
+        seed: 9,
+    };
+    let mut src = KvmGuest::source(cfg.clone()).unwrap();
+    let dst = Arc::new(Mutex::new(KvmGuest::destination(cfg).unwrap()));
+    let started = Arc::new(Mutex::new(None));
+    let incoming = Incoming::new(
+        Box::new(Recorded {
+            guest: dst.clone(),
+            digest: started.clone(),
+        }),
+        1 << 30,
+    );
+    // 64 MiB at 50 Mbit/s: round 0 takes seconds.
+    let (recv, sender, _rx, _tx) = session_with(
+        &incoming,
+        SenderConfig {
+            rate_limit: 50_000_000 / 8,
+            ..SenderConfig::default()
+        },
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mcfg = MigrateConfig::default();
+    let token = mcfg.cancel.clone();
+    let result = std::thread::scope(|s| {
+        let h = s.spawn(|| migrate_out(&mut src, &sender, &mcfg, |_| {}));
+        std::thread::sleep(Duration::from_millis(200));
+        token.cancel();
+        h.join().unwrap()
+    });
+    assert!(
+        matches!(&result, Err(MigrationError::Cancelled(w)) if w == precopy::CANCELLED_BY_CALLER),
+        "{result:?}"
+    );
+    assert_runs_on(|| src.counter(), "the KVM source after the cancel");
+    match incoming.wait(Duration::from_secs(10)) {
+        Some(Err(e)) => assert!(e.contains("cancelled by the caller"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.lock().unwrap().is_none(), "the destination started");
+    // Its memory holds what arrived; the guest must not run on it.
+    let c = dst.lock().unwrap().counter();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dst.lock().unwrap().counter(), c, "the destination runs");
+    sender.cancel();
     recv.close().unwrap();
 }
