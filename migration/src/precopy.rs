@@ -212,13 +212,21 @@ fn layout_bytes(regions: &[GuestRegion]) -> Vec<u8> {
     b
 }
 
-/// Encodes and sends pages, one encoder per shard, keeping at most
-/// [`IN_FLIGHT`] batches unconfirmed.
+/// Encodes and sends pages, one encoder per shard, each shard on its own
+/// thread (so encoding uses every core the source has), keeping at most
+/// [`IN_FLIGHT`] batches unconfirmed in all.
 struct Pump<'a> {
     sender: &'a Sender,
-    encoders: Vec<Encoder>,
-    /// Batches sent per shard.
-    seqs: Vec<u32>,
+    shards: Vec<ShardTx>,
+    /// Parts that are not page batches (device state), unconfirmed.
+    other: VecDeque<u32>,
+}
+
+/// One shard's encoder and what it has sent.
+struct ShardTx {
+    enc: Encoder,
+    /// Batches sent.
+    seq: u32,
     in_flight: VecDeque<u32>,
     staging: Vec<u8>,
     frame: Vec<u8>,
@@ -231,23 +239,97 @@ struct Sent {
     zero: u64,
 }
 
+impl std::ops::AddAssign for Sent {
+    fn add_assign(&mut self, o: Sent) {
+        self.pages += o.pages;
+        self.zero += o.zero;
+    }
+}
+
+impl ShardTx {
+    /// Reads, encodes and sends one batch as part `seq` of shard `shard`.
+    fn send_batch(
+        &mut self,
+        sender: &Sender,
+        regions: &[GuestRegion],
+        shard: usize,
+        batch: &[u64],
+        in_flight: usize,
+        guard: &Guard<'_>,
+    ) -> Result<Sent, MigrationError> {
+        let mut sent = Sent::default();
+        let mut bytes = Vec::new();
+        for group in batch.chunks(FRAME_PAGES) {
+            for (k, &p) in group.iter().enumerate() {
+                let (region, offset) = locate(regions, p)?;
+                region.read(
+                    offset,
+                    &mut self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                )?;
+            }
+            let refs: Vec<PageRef<'_>> = group
+                .iter()
+                .enumerate()
+                .map(|(k, &p)| PageRef {
+                    index: p,
+                    data: &self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                })
+                .collect();
+            let stats = self.enc.encode_pages(&refs, &mut self.frame)?;
+            sent.pages += stats.pages;
+            sent.zero += stats.zero;
+            bytes.extend_from_slice(&self.frame);
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        let id = submit(sender, meta_pages(shard as u16, seq), bytes)?;
+        self.in_flight.push_back(id);
+        while self.in_flight.len() > in_flight {
+            guard.check()?;
+            if let Some(id) = self.in_flight.pop_front() {
+                sender.wait_region(id)?;
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// Opens and closes a part; returns its region id.
+fn submit(sender: &Sender, meta: Vec<u8>, bytes: Vec<u8>) -> Result<u32, MigrationError> {
+    let digest = *blake3::hash(&bytes).as_bytes();
+    let id = sender.open_region(meta, Arc::new(bytes))?;
+    sender.close_region(id, digest)?;
+    Ok(id)
+}
+
 impl<'a> Pump<'a> {
     fn new(sender: &'a Sender, cfg: &MigrateConfig) -> Result<Self, MigrationError> {
         let codec = CodecConfig::default();
-        let encoders = (0..cfg.shards.max(1))
-            .map(|_| Encoder::new(&codec, cfg.policy))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shards = (0..cfg.shards.max(1))
+            .map(|_| {
+                Ok(ShardTx {
+                    enc: Encoder::new(&codec, cfg.policy)?,
+                    seq: 0,
+                    in_flight: VecDeque::new(),
+                    staging: vec![0; FRAME_PAGES * PAGE_SIZE],
+                    frame: Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, MigrationError>>()?;
         Ok(Pump {
             sender,
-            seqs: vec![0; encoders.len()],
-            encoders,
-            in_flight: VecDeque::new(),
-            staging: vec![0; FRAME_PAGES * PAGE_SIZE],
-            frame: Vec::new(),
+            shards,
+            other: VecDeque::new(),
         })
     }
 
-    /// Sends `pages` (global page numbers, ascending) read from `regions`,
+    /// Batches sent per shard.
+    fn seqs(&self) -> Vec<u32> {
+        self.shards.iter().map(|s| s.seq).collect()
+    }
+
+    /// Sends `pages` (global page numbers, ascending) read from `regions`:
+    /// batch `b` goes to shard `b % shards`, each shard on its own thread,
     /// checking `guard` before each batch and each wait.
     fn send(
         &mut self,
@@ -255,71 +337,92 @@ impl<'a> Pump<'a> {
         pages: &[u64],
         guard: &Guard<'_>,
     ) -> Result<Sent, MigrationError> {
-        let mut sent = Sent::default();
-        for (b, batch) in pages.chunks(BATCH_PAGES).enumerate() {
-            guard.check()?;
-            let shard = b % self.encoders.len();
-            let mut bytes = Vec::new();
-            for group in batch.chunks(FRAME_PAGES) {
-                for (k, &p) in group.iter().enumerate() {
-                    let (region, offset) = locate(regions, p)?;
-                    region.read(
-                        offset,
-                        &mut self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
-                    )?;
-                }
-                let refs: Vec<PageRef<'_>> = group
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &p)| PageRef {
-                        index: p,
-                        data: &self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
-                    })
-                    .collect();
-                let stats = self.encoders[shard].encode_pages(&refs, &mut self.frame)?;
-                sent.pages += stats.pages;
-                sent.zero += stats.zero;
-                bytes.extend_from_slice(&self.frame);
+        let batches: Vec<&[u64]> = pages.chunks(BATCH_PAGES).collect();
+        let n = self.shards.len();
+        let per_shard = (IN_FLIGHT / n).max(1);
+        let sender = self.sender;
+        if n == 1 || batches.len() <= 1 {
+            let mut sent = Sent::default();
+            for (b, batch) in batches.iter().enumerate() {
+                guard.check()?;
+                sent += self.shards[b % n].send_batch(
+                    sender,
+                    regions,
+                    b % n,
+                    batch,
+                    per_shard,
+                    guard,
+                )?;
             }
-            let seq = self.seqs[shard];
-            self.seqs[shard] += 1;
-            self.submit(meta_pages(shard as u16, seq), bytes, guard)?;
+            return Ok(sent);
         }
-        Ok(sent)
+        let batches = &batches;
+        std::thread::scope(|sc| {
+            let workers: Vec<_> = self
+                .shards
+                .iter_mut()
+                .enumerate()
+                .map(|(s, shard)| {
+                    sc.spawn(move || -> Result<Sent, MigrationError> {
+                        let mut sent = Sent::default();
+                        for b in (s..batches.len()).step_by(n) {
+                            guard.check()?;
+                            sent += shard
+                                .send_batch(sender, regions, s, batches[b], per_shard, guard)?;
+                        }
+                        Ok(sent)
+                    })
+                })
+                .collect();
+            let mut sent = Sent::default();
+            let mut first_err = None;
+            for w in workers {
+                match w.join() {
+                    Ok(Ok(s)) => sent += s,
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(MigrationError::Cancelled(
+                            "a page encoder thread panicked".into(),
+                        ));
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(sent),
+            }
+        })
     }
 
+    /// Sends a part that is not a page batch.
     fn submit(
         &mut self,
         meta: Vec<u8>,
         bytes: Vec<u8>,
         guard: &Guard<'_>,
     ) -> Result<(), MigrationError> {
-        let digest = *blake3::hash(&bytes).as_bytes();
-        let id = self.sender.open_region(meta, Arc::new(bytes))?;
-        self.sender.close_region(id, digest)?;
-        self.in_flight.push_back(id);
-        while self.in_flight.len() > IN_FLIGHT {
-            guard.check()?;
-            self.wait_one()?;
-        }
+        guard.check()?;
+        let id = submit(self.sender, meta, bytes)?;
+        self.other.push_back(id);
         Ok(())
     }
 
-    fn wait_one(&mut self) -> Result<(), MigrationError> {
-        if let Some(id) = self.in_flight.pop_front() {
-            self.sender.wait_region(id)?;
-        }
-        Ok(())
-    }
-
-    /// Waits for every batch in flight, checking `guard` (if any) between
+    /// Waits for every part in flight, checking `guard` (if any) between
     /// them.
     fn drain(&mut self, guard: Option<&Guard<'_>>) -> Result<(), MigrationError> {
-        while !self.in_flight.is_empty() {
+        let ids: Vec<u32> = self
+            .shards
+            .iter_mut()
+            .flat_map(|s| s.in_flight.drain(..))
+            .chain(self.other.drain(..))
+            .collect();
+        for id in ids {
             if let Some(g) = guard {
                 g.check()?;
             }
-            self.wait_one()?;
+            self.sender.wait_region(id)?;
         }
         Ok(())
     }
@@ -506,8 +609,9 @@ fn run_source(
     let state = hv.save_device_state()?;
     pump.submit(vec![PART_DEVICE], state, &guard)?;
     let mut end = vec![PART_END];
-    end.extend_from_slice(&(pump.seqs.len() as u16).to_le_bytes());
-    for s in &pump.seqs {
+    let seqs = pump.seqs();
+    end.extend_from_slice(&(seqs.len() as u16).to_le_bytes());
+    for s in &seqs {
         end.extend_from_slice(&s.to_le_bytes());
     }
     // No wait for the last batches: the destination finishes `End` only
