@@ -681,6 +681,8 @@ struct DestState {
     outcome: Option<Result<IncomingReport, String>>,
     /// A part of the session was opened: a session exists.
     seen_session: bool,
+    /// Batches applied per shard (the next sequence number due).
+    applied: Vec<u32>,
     stop: bool,
 }
 
@@ -907,6 +909,7 @@ impl Sink for DestSink {
             Some(&(PART_LAYOUT | PART_PAGES | PART_DEVICE)) => Ok(Arc::new(PartWriter {
                 inner: self.shared.mem.handle().open(info)?,
                 shared: self.shared.clone(),
+                batch: parse_batch(&info.meta),
             })),
             _ => Err("not a migration part".into()),
         }
@@ -919,7 +922,24 @@ impl Sink for DestSink {
 struct PartWriter {
     inner: Arc<dyn RegionWriter>,
     shared: Arc<DestShared>,
+    /// `(shard, seq)` of a page batch: its `DONE` waits until it is applied,
+    /// so that a round the source sees confirmed is in guest memory, and no
+    /// backlog of applying is left for the downtime.
+    batch: Option<(u16, u32)>,
 }
+
+/// `(shard, seq)` of a page batch's metadata.
+fn parse_batch(meta: &[u8]) -> Option<(u16, u32)> {
+    (meta.len() == 7 && meta[0] == PART_PAGES).then(|| {
+        (
+            u16::from_le_bytes([meta[1], meta[2]]),
+            u32::from_le_bytes([meta[3], meta[4], meta[5], meta[6]]),
+        )
+    })
+}
+
+/// How long a batch's `DONE` waits for the applier.
+const APPLY_WAIT: Duration = Duration::from_secs(30);
 
 impl RegionWriter for PartWriter {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
@@ -943,7 +963,35 @@ impl RegionWriter for PartWriter {
         self.inner.finish(len, digest).inspect_err(|e| {
             self.shared
                 .abandon(format!("a migration part was refused: {e}"));
-        })
+        })?;
+        let Some((shard, seq)) = self.batch else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + APPLY_WAIT;
+        let mut st = lock(&self.shared.state);
+        loop {
+            if st.applied.get(usize::from(shard)).is_some_and(|&n| n > seq) {
+                return Ok(());
+            }
+            if let Some(Err(e)) = &st.outcome {
+                return Err(format!("the migration was discarded: {e}"));
+            }
+            if st.outcome.is_some() || st.stop {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "batch {seq} of shard {shard} was not applied within {APPLY_WAIT:?}"
+                ));
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     fn abort(&self) {
@@ -1127,6 +1175,11 @@ fn apply_loop(
             )?;
             report.batches += 1;
             next[s] += 1;
+            {
+                let mut st = lock(&shared.state);
+                st.applied.clone_from(&next);
+            }
+            shared.cond.notify_all();
         }
         let end = lock(&shared.state).end.clone();
         if let Some(counts) = end {
