@@ -1201,6 +1201,11 @@ fn apply_loop(
                 let blob = device.take().unwrap_or_default();
                 hv.load_device_state(&blob).map_err(|e| e.to_string())?;
                 hv.resume().map_err(|e| e.to_string())?;
+                // Tell `End` at once: what this function still owns (the
+                // decoders' state, the held batches) takes milliseconds to
+                // free, and that must not sit in the downtime.
+                lock(&shared.state).running = true;
+                shared.cond.notify_all();
                 report.finish = t.elapsed();
                 return Ok((report, hashes));
             }
