@@ -56,6 +56,8 @@ use crate::hv::{DestHypervisor, GuestRegion, HvError, PAGE_SIZE, SourceHyperviso
 
 /// Pages per batch (one region of the session): 16 MiB of guest memory.
 pub const BATCH_PAGES: usize = 4096;
+/// Fewest pages per batch (small rounds are cut finer, down to this).
+const MIN_BATCH_PAGES: usize = 256;
 /// Pages per page frame.
 const FRAME_PAGES: usize = 256;
 /// Batches the source keeps unconfirmed at once.
@@ -337,8 +339,12 @@ impl<'a> Pump<'a> {
         pages: &[u64],
         guard: &Guard<'_>,
     ) -> Result<Sent, MigrationError> {
-        let batches: Vec<&[u64]> = pages.chunks(BATCH_PAGES).collect();
+        // Small rounds go in smaller batches, so that the last one lands
+        // (and is applied) soon after the others: the round ends sooner,
+        // and fewer pages are dirtied meanwhile.
         let n = self.shards.len();
+        let size = (pages.len() / (4 * n)).clamp(MIN_BATCH_PAGES, BATCH_PAGES);
+        let batches: Vec<&[u64]> = pages.chunks(size).collect();
         let per_shard = (IN_FLIGHT / n).max(1);
         let sender = self.sender;
         if n == 1 || batches.len() <= 1 {
