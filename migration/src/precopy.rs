@@ -227,6 +227,8 @@ struct Pump<'a> {
 /// One shard's encoder and what it has sent.
 struct ShardTx {
     enc: Encoder,
+    /// Shards in all (each encodes for its share of the link).
+    shards: usize,
     /// Batches sent.
     seq: u32,
     in_flight: VecDeque<u32>,
@@ -249,6 +251,13 @@ impl std::ops::AddAssign for Sent {
 }
 
 impl ShardTx {
+    /// This shard's share of the link in wire bytes per second, once the
+    /// transport has an estimate.
+    fn link_share(&self, sender: &Sender) -> Option<f64> {
+        let bw = sender.metrics().bandwidth;
+        (bw > 0.0 && bw.is_finite()).then(|| bw / self.shards as f64)
+    }
+
     /// Reads, encodes and sends one batch as part `seq` of shard `shard`.
     fn send_batch(
         &mut self,
@@ -261,6 +270,13 @@ impl ShardTx {
     ) -> Result<Sent, MigrationError> {
         let mut sent = Sent::default();
         let mut bytes = Vec::new();
+        if let (Policy::Auto { .. }, Some(share)) = (self.enc.policy(), self.link_share(sender)) {
+            // `auto` weighs each frame's options against this shard's
+            // share of the link as the transport measures it now.
+            self.enc.set_policy(Policy::Auto {
+                link_bytes_per_sec: share,
+            })?;
+        }
         for group in batch.chunks(FRAME_PAGES) {
             for (k, &p) in group.iter().enumerate() {
                 let (region, offset) = locate(regions, p)?;
@@ -311,6 +327,7 @@ impl<'a> Pump<'a> {
             .map(|_| {
                 Ok(ShardTx {
                     enc: Encoder::new(&codec, cfg.policy)?,
+                    shards: cfg.shards.max(1),
                     seq: 0,
                     in_flight: VecDeque::new(),
                     staging: vec![0; FRAME_PAGES * PAGE_SIZE],
