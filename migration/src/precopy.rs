@@ -312,11 +312,11 @@ impl ShardTx {
     }
 }
 
-/// Opens and closes a part; returns its region id.
+/// Opens a part and has it closed once sent (its digest assembled from
+/// the transport's chunk checksums, not a second hash); returns its id.
 fn submit(sender: &Sender, meta: Vec<u8>, bytes: Vec<u8>) -> Result<u32, MigrationError> {
-    let digest = *blake3::hash(&bytes).as_bytes();
     let id = sender.open_region(meta, Arc::new(bytes))?;
-    sender.close_region(id, digest)?;
+    sender.close_region_when_sent(id)?;
     Ok(id)
 }
 
@@ -710,6 +710,30 @@ struct DestState {
 }
 
 impl DestShared {
+    /// Waits until `ready` answers (under the state lock, after every
+    /// change) or `deadline` passes; on timeout, the locked state.
+    fn wait_until<R>(
+        &self,
+        deadline: Instant,
+        mut ready: impl FnMut(&DestState) -> Option<R>,
+    ) -> Result<R, std::sync::MutexGuard<'_, DestState>> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(r) = ready(&st) {
+                return Ok(r);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(st);
+            }
+            st = self
+                .cond
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     /// Fails the migration with `reason` unless the guest is being (or
     /// was) started or it failed already; true when this call failed it.
     fn abandon(&self, reason: String) -> bool {
@@ -827,23 +851,9 @@ impl Incoming {
     /// `None` when neither happened yet. An error says why the migration
     /// was discarded; the guest is then never started.
     pub fn wait(&self, wait: Duration) -> Option<Result<IncomingReport, String>> {
-        let deadline = Instant::now() + wait;
-        let mut st = lock(&self.shared.state);
-        loop {
-            if let Some(o) = &st.outcome {
-                return Some(o.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        self.shared
+            .wait_until(Instant::now() + wait, |st| st.outcome.clone())
+            .ok()
     }
 
     /// [`Incoming::wait`] that also watches `receiver` (the one given
@@ -990,31 +1000,21 @@ impl RegionWriter for PartWriter {
         let Some((shard, seq)) = self.batch else {
             return Ok(());
         };
-        let deadline = Instant::now() + APPLY_WAIT;
-        let mut st = lock(&self.shared.state);
-        loop {
+        let applied = self.shared.wait_until(Instant::now() + APPLY_WAIT, |st| {
             if st.applied.get(usize::from(shard)).is_some_and(|&n| n > seq) {
-                return Ok(());
+                return Some(Ok(()));
             }
-            if let Some(Err(e)) = &st.outcome {
-                return Err(format!("the migration was discarded: {e}"));
+            match &st.outcome {
+                Some(Err(e)) => Some(Err(format!("the migration was discarded: {e}"))),
+                Some(Ok(_)) => Some(Ok(())),
+                None => st.stop.then_some(Ok(())),
             }
-            if st.outcome.is_some() || st.stop {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "batch {seq} of shard {shard} was not applied within {APPLY_WAIT:?}"
-                ));
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        });
+        applied.unwrap_or_else(|_| {
+            Err(format!(
+                "batch {seq} of shard {shard} was not applied within {APPLY_WAIT:?}"
+            ))
+        })
     }
 
     fn abort(&self) {
@@ -1076,17 +1076,19 @@ impl RegionWriter for EndWriter {
             st.end = Some(self.counts.clone());
         }
         self.shared.cond.notify_all();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut st = lock(&self.shared.state);
+        let mut deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if st.running {
-                return Ok(());
-            }
-            if let Some(o) = &st.outcome {
-                return o.clone().map(|_| ());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() && !st.committed {
+            let started = self.shared.wait_until(deadline, |st| {
+                if st.running {
+                    return Some(Ok(()));
+                }
+                st.outcome.as_ref().map(|o| o.clone().map(|_| ()))
+            });
+            let mut st = match started {
+                Ok(r) => return r,
+                Err(st) => st,
+            };
+            if !st.committed {
                 // Given up here, so never started after the source hears
                 // it failed (and runs on).
                 let why = "the destination did not start the guest within 30 s".to_string();
@@ -1096,17 +1098,7 @@ impl RegionWriter for EndWriter {
                 return Err(why);
             }
             // Committed: the guest is being started; its outcome is near.
-            let left = if left.is_zero() {
-                Duration::from_millis(100)
-            } else {
-                left
-            };
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            deadline = Instant::now() + Duration::from_millis(100);
         }
     }
 

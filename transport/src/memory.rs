@@ -101,12 +101,7 @@ impl MemorySink {
             if left.is_zero() {
                 return None;
             }
-            st = self
-                .inner
-                .cond
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = crate::session::wait(&self.inner.cond, st, left);
         }
     }
 

@@ -2,7 +2,7 @@
 //! scheduler between them, and regions from open to `DONE`.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -23,7 +23,7 @@ use crate::pace::{BandwidthEstimate, TokenBucket};
 use crate::sched::{Chunk, Scheduler};
 use crate::session::{
     Event, Events, Mailbox, Metrics, MetricsSnapshot, SenderConfig, Source, StreamCount, lock,
-    wire_policy,
+    wait, wire_policy,
 };
 use crate::treehash::PieceDigest;
 use crate::wire::{
@@ -80,6 +80,9 @@ struct State {
     /// values the codec computes for its chunks' checksums (see
     /// [`Sender::send_region`]).
     trees: HashMap<u32, Arc<PieceDigest>>,
+    /// Regions to close with their assembled digest once every chunk is
+    /// acknowledged ([`Sender::close_region_when_sent`]).
+    auto_close: HashSet<u32>,
     /// Bytes acknowledged and length (`None`: an ordered region still
     /// being read) of every region without a `DONE`, for progress events.
     progress: HashMap<u32, (u64, Option<u64>)>,
@@ -183,6 +186,7 @@ impl Sender {
                 dead: vec![false; usize::from(streams)],
                 sources: HashMap::new(),
                 trees: HashMap::new(),
+                auto_close: HashSet::new(),
                 progress: HashMap::new(),
                 ordered: HashMap::new(),
                 reorder_used: 0,
@@ -374,26 +378,32 @@ impl Sender {
         digest: [u8; 32],
     ) -> Result<(), TransportError> {
         let mut st = lock(&self.shared.state);
-        let close = Close {
-            region: id,
-            chunks,
-            len,
-            digest,
+        queue_close(&self.shared, &mut st, id, chunks, len, digest)
+    }
+
+    /// Closes region `id`, read from a source in memory
+    /// ([`Source::as_slice`]), as soon as every chunk of it is
+    /// acknowledged, with the digest assembled from the BLAKE3 subtree
+    /// values its chunks' checksums were made of: its bytes are hashed
+    /// once, for those checksums, and nothing waits here. Any other source
+    /// (or a chunk size that is not a power of two, whose chunks are not
+    /// subtrees) is read for its digest on this thread and closed at once.
+    pub fn close_region_when_sent(&self, id: u32) -> Result<(), TransportError> {
+        let mut st = lock(&self.shared.state);
+        let Some(source) = st.sources.get(&id).cloned() else {
+            return Err(TransportError::Config(format!("no region {id}")));
         };
-        let body = close.encode();
-        if !self
-            .shared
-            .control
-            .push(Ctl::Msg(Kind::Close, body.clone()))
-        {
-            return Err(TransportError::SessionLost(
-                "the control stream is closed".into(),
-            ));
+        if st.trees.contains_key(&id) && self.shared.cfg.chunk.is_power_of_two() {
+            st.auto_close.insert(id);
+            try_auto_close(&self.shared, &mut st, id);
+            drop(st);
+            self.shared.cond.notify_all();
+            return Ok(());
         }
-        if let Some(p) = st.pending.get_mut(&id) {
-            p.1 = Some(body);
-        }
-        Ok(())
+        drop(st);
+        let digest = digest(source.as_ref())
+            .map_err(|e| TransportError::io(format!("reading region {id} for its digest"), e))?;
+        self.close_region(id, digest)
     }
 
     /// Sends everything `reader` yields, to its end, as one ordered region
@@ -444,12 +454,7 @@ impl Sender {
             // Within the reorder window, or alone in it (a chunk larger
             // than the window is always the next the receiver wants).
             while st.failed.is_none() && st.reorder_used > 0 && st.reorder_used + n > window {
-                st = self
-                    .shared
-                    .cond
-                    .wait_timeout(st, Duration::from_millis(200))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                st = wait(&self.shared.cond, st, Duration::from_millis(200));
             }
             if let Some(f) = &st.failed {
                 return Err(TransportError::SessionLost(f.clone()));
@@ -493,12 +498,7 @@ impl Sender {
             if let Some(f) = &st.failed {
                 return Err(TransportError::SessionLost(f.clone()));
             }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, Duration::from_millis(200))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = wait(&self.shared.cond, st, Duration::from_millis(200));
         }
     }
 
@@ -518,48 +518,9 @@ impl Sender {
         meta: Vec<u8>,
         source: Arc<dyn Source>,
     ) -> Result<(), TransportError> {
-        let id = self.open_region(meta, source.clone())?;
-        let digest = match (source.as_slice(), self.tree(id)) {
-            (Some(bytes), Some(tree)) => {
-                self.wait_sent(id)?;
-                let len = bytes.len() as u64;
-                tree.finish(len, |off, buf| {
-                    let start = off as usize;
-                    buf.copy_from_slice(&bytes[start..start + buf.len()]);
-                    Ok(())
-                })
-                .map_err(|text| TransportError::Region { region: id, text })?
-                .into()
-            }
-            _ => digest(source.as_ref()).map_err(|e| {
-                TransportError::io(format!("reading region {id} for its digest"), e)
-            })?,
-        };
-        self.close_region(id, digest)?;
+        let id = self.open_region(meta, source)?;
+        self.close_region_when_sent(id)?;
         self.wait_region(id)
-    }
-
-    fn tree(&self, id: u32) -> Option<Arc<PieceDigest>> {
-        lock(&self.shared.state).trees.get(&id).cloned()
-    }
-
-    /// Waits until every chunk of region `id` is acknowledged.
-    fn wait_sent(&self, id: u32) -> Result<(), TransportError> {
-        let mut st = lock(&self.shared.state);
-        loop {
-            if st.sched.region_outstanding(id) == (0, false) {
-                return Ok(());
-            }
-            if let Some(f) = &st.failed {
-                return Err(TransportError::SessionLost(f.clone()));
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, Duration::from_millis(200))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
     }
 
     /// Ends the session cleanly: waits for every chunk to be acknowledged,
@@ -574,12 +535,7 @@ impl Sender {
                         "waiting for the last acknowledgements".into(),
                     ));
                 }
-                st = self
-                    .shared
-                    .cond
-                    .wait_timeout(st, Duration::from_millis(100))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                st = wait(&self.shared.cond, st, Duration::from_millis(100));
             }
             if let Some(f) = &st.failed {
                 return Err(TransportError::SessionLost(f.clone()));
@@ -594,12 +550,7 @@ impl Sender {
         let bye = {
             let mut st = lock(&self.shared.state);
             while !st.bye && st.failed.is_none() && Instant::now() < bye_deadline {
-                st = self
-                    .shared
-                    .cond
-                    .wait_timeout(st, Duration::from_millis(100))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                st = wait(&self.shared.cond, st, Duration::from_millis(100));
             }
             st.closing = true;
             st.wake_all();
@@ -1164,15 +1115,19 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             };
             let len = c.len as usize;
             let mut held: Option<Arc<dyn Source>> = None;
-            let held_tree = if c.addressing == Addressing::Region {
-                lock(&shared.state).trees.get(&c.region).cloned()
+            // A region chunk's source and digest record, in one look.
+            let (src, held_tree) = if c.data.is_none() {
+                let st = lock(&shared.state);
+                (
+                    st.sources.get(&c.region).cloned(),
+                    st.trees.get(&c.region).cloned(),
+                )
             } else {
-                None
+                (None, None)
             };
             let bytes: &[u8] = match &c.data {
                 Some(d) => d,
                 None => {
-                    let src = lock(&shared.state).sources.get(&c.region).cloned();
                     let Some(src) = src else {
                         // Finished meanwhile (acknowledged on another
                         // stream): nothing to send.
@@ -1308,6 +1263,9 @@ async fn ack_reader(
                         }
                     }
                 }
+                for &r in &touched {
+                    try_auto_close(shared, &mut st, r);
+                }
                 let events: Vec<Event> = if shared.events.wanted() {
                     touched
                         .iter()
@@ -1346,6 +1304,67 @@ async fn ack_reader(
                 ));
             }
         }
+    }
+}
+
+/// Queues the `CLOSE` of region `id` (kept for a resume to repeat).
+fn queue_close(
+    shared: &Shared,
+    st: &mut State,
+    id: u32,
+    chunks: u64,
+    len: u64,
+    digest: [u8; 32],
+) -> Result<(), TransportError> {
+    let body = Close {
+        region: id,
+        chunks,
+        len,
+        digest,
+    }
+    .encode();
+    if !shared.control.push(Ctl::Msg(Kind::Close, body.clone())) {
+        return Err(TransportError::SessionLost(
+            "the control stream is closed".into(),
+        ));
+    }
+    if let Some(p) = st.pending.get_mut(&id) {
+        p.1 = Some(body);
+    }
+    Ok(())
+}
+
+/// Closes region `id` if it waits to be closed once sent
+/// ([`Sender::close_region_when_sent`]) and every chunk is acknowledged:
+/// its digest is assembled from the recorded subtree values (all of them
+/// but a short tail, which is read from the source in memory). A failure
+/// fails the region, as its `DONE` would.
+fn try_auto_close(shared: &Shared, st: &mut State, id: u32) {
+    if !st.auto_close.contains(&id) || st.sched.region_outstanding(id) != (0, false) {
+        return;
+    }
+    st.auto_close.remove(&id);
+    let (Some(source), Some(tree)) = (st.sources.get(&id).cloned(), st.trees.get(&id).cloned())
+    else {
+        return;
+    };
+    let len = source.len();
+    let result = match source.as_slice() {
+        Some(bytes) => tree.finish(len, |off, buf| {
+            let start = off as usize;
+            buf.copy_from_slice(&bytes[start..start + buf.len()]);
+            Ok(())
+        }),
+        None => Err("the source is not in memory".into()),
+    };
+    let closed = result.map_err(|e| e.to_string()).and_then(|h| {
+        let chunks = len.div_ceil(u64::from(shared.cfg.chunk));
+        queue_close(shared, st, id, chunks, len, h.into()).map_err(|e| e.to_string())
+    });
+    if let Err(text) = closed
+        && let Some(slot) = st.done.get_mut(&id)
+    {
+        *slot = Some(Err(text));
     }
 }
 

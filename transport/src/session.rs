@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -458,6 +458,14 @@ impl Metrics {
 /// crate leaves the state consistent before it can panic.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits on `cond` for at most `d` with `g` held, recovering from poisoning
+/// as [`lock`] does.
+pub(crate) fn wait<'a, T>(cond: &Condvar, g: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
+    cond.wait_timeout(g, d)
+        .map(|(g, _)| g)
+        .unwrap_or_else(|p| p.into_inner().0)
 }
 
 /// A queue any thread may push to and one engine task awaits.
