@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use dwcp_engine::Engine;
-use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult, SourceHypervisor};
+use dwcp_migration::hv::{DestHypervisor, GuestRegion, SourceHypervisor};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
 use dwcp_migration::precopy::{Incoming, MigrateConfig, memory_digest, migrate_out};
 use dwcp_migration::synthetic::SyntheticGuest;
@@ -51,24 +51,6 @@ impl Guest for SyntheticGuest {
     }
     fn memory(&self) -> GuestRegion {
         self.region()
-    }
-}
-
-/// The destination guest, shared with the demo, which reads its counter.
-struct Shared<G>(Arc<Mutex<G>>);
-
-impl<G: Guest> DestHypervisor for Shared<G> {
-    fn regions(&self) -> Vec<GuestRegion> {
-        DestHypervisor::regions(&*self.0.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-    fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .load_device_state(blob)
-    }
-    fn resume(&mut self) -> HvResult<()> {
-        DestHypervisor::resume(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -115,7 +97,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
 
 fn demo<G: Guest>(o: &DemoOptions, mut src: G, dst: G, kind: &str) -> Result<()> {
     let dst = Arc::new(Mutex::new(dst));
-    let incoming = Incoming::new(Box::new(Shared(dst.clone())), 2 << 30);
+    let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
     let key = Key::generate().context("making a fresh key")?;
     let rx_engine = Engine::builder().workers(1).build()?;
     let tx_engine = Engine::builder().workers(1).build()?;

@@ -16,7 +16,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use dwcp_codec::Policy;
 use dwcp_engine::Engine;
 use dwcp_migration::controller::ControllerConfig;
-use dwcp_migration::hv::{DestHypervisor, GuestRegion, HvResult};
 use dwcp_migration::kvm::{GuestConfig, KvmGuest, kvm_available};
 use dwcp_migration::precopy::{
     Incoming, MigrateConfig, MigrationError, memory_digest, migrate_out,
@@ -290,34 +289,12 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
     }
 }
 
-/// The destination guest, also readable by this command while the
-/// migration owns it.
-struct SharedGuest(Arc<Mutex<KvmGuest>>);
-
-impl SharedGuest {
-    fn guest(&self) -> std::sync::MutexGuard<'_, KvmGuest> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl DestHypervisor for SharedGuest {
-    fn regions(&self) -> Vec<GuestRegion> {
-        DestHypervisor::regions(&*self.guest())
-    }
-    fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
-        self.guest().load_device_state(blob)
-    }
-    fn resume(&mut self) -> HvResult<()> {
-        DestHypervisor::resume(&mut *self.guest())
-    }
-}
-
 fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<()> {
     let addr = resolve(listen)?;
     let dst = Arc::new(Mutex::new(
         KvmGuest::destination(guest).map_err(|e| anyhow!("{e}"))?,
     ));
-    let incoming = Incoming::new(Box::new(SharedGuest(dst.clone())), 2 << 30);
+    let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
     let engine = Engine::builder().build().context("starting the engine")?;
     let recv = Receiver::bind(
         &engine,

@@ -104,14 +104,7 @@ fn serve(dir: &Path, key: &Path) -> (Kill, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     let child = Kill(child);
     let line = rx
         .recv_timeout(Duration::from_secs(10))
@@ -208,14 +201,9 @@ fn send_dash_streams_standard_input_into_a_named_file() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "send - ran past 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.0.wait_with_output_bounded();
-    assert!(out.0, "send - failed: {}", out.2);
-    let report: serde_json::Value = serde_json::from_str(out.1.trim()).unwrap();
+    let (ok, out, err) = finish_within(&mut child, Duration::from_secs(60), "send -");
+    assert!(ok, "send - failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["bytes"], data.len() as u64, "{report}");
     assert_eq!(fs::read(dst.join("logs/piped.bin")).unwrap(), data);
     // A name that would leave the directory is refused before sending.
@@ -249,26 +237,19 @@ fn migrate_moves_a_running_guest_between_two_processes() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut dst = Kill(
-        Command::new(DWCP)
-            .args(["migrate", "--incoming", &addr, "--ram", "64MiB", "--json"])
-            .args(["--run-after", "500ms", "--key"])
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut dst, rx) = spawn_with_stderr_lines(&[
+        "migrate",
+        "--incoming",
+        &addr,
+        "--ram",
+        "64MiB",
+        "--json",
+        "--run-after",
+        "500ms",
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     // The destination is listening once it says so.
-    let err = dst.0.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
     let line = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the destination starts");
@@ -292,20 +273,8 @@ fn migrate_moves_a_running_guest_between_two_processes() {
     let src: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(src["result"], "ok", "{src}");
     assert_eq!(src["converged"], true, "{src}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while dst.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the destination did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    use std::io::Read;
-    dst.0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(dst.0.wait().unwrap().success(), "destination failed: {out}");
+    let (ok, out, _) = finish_within(&mut dst, Duration::from_secs(30), "the destination");
+    assert!(ok, "destination failed: {out}");
     // The last line is the result (a first one says where it listens).
     let d: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     assert_eq!(
@@ -341,29 +310,6 @@ fn demo_migrates_a_guest_and_checks_its_memory() {
             r["counter_after"].as_u64() > r["counter_at_pause"].as_u64(),
             "{r}"
         );
-    }
-}
-
-/// Collects a finished child's status and output.
-trait Finished {
-    fn wait_with_output_bounded(&mut self) -> (bool, String, String);
-}
-
-impl Finished for Child {
-    fn wait_with_output_bounded(&mut self) -> (bool, String, String) {
-        use std::io::Read;
-        let (mut out, mut err) = (String::new(), String::new());
-        self.stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        self.stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (self.wait().unwrap().success(), out, err)
     }
 }
 
@@ -489,6 +435,12 @@ fn spawn_with_stderr_lines(args: &[&str]) -> (Kill, mpsc::Receiver<String>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let rx = stderr_lines(&mut child);
+    (Kill(child), rx)
+}
+
+/// The lines `child` writes to its (piped) stderr, as they come.
+fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let err = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -497,11 +449,12 @@ fn spawn_with_stderr_lines(args: &[&str]) -> (Kill, mpsc::Receiver<String>) {
             let _ = tx.send(line);
         }
     });
-    (Kill(child), rx)
+    rx
 }
 
-/// Waits up to `limit` for `child` to exit; returns success and stdout.
-fn finish_within(child: &mut Kill, limit: Duration, what: &str) -> (bool, String) {
+/// Waits up to `limit` for `child` to exit; returns success, stdout and
+/// stderr (empty when it is read elsewhere).
+fn finish_within(child: &mut Kill, limit: Duration, what: &str) -> (bool, String, String) {
     let deadline = Instant::now() + limit;
     while child.0.try_wait().unwrap().is_none() {
         assert!(
@@ -519,7 +472,11 @@ fn finish_within(child: &mut Kill, limit: Duration, what: &str) -> (bool, String
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
-    (child.0.wait().unwrap().success(), out)
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    (child.0.wait().unwrap().success(), out, err)
 }
 
 #[test]
@@ -556,7 +513,7 @@ fn ctrl_c_on_the_source_cancels_a_migration_and_the_guest_runs_on() {
     let rc = unsafe { libc::kill(pid, libc::SIGINT) };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
     let sent = Instant::now();
-    let (ok, out) = finish_within(&mut src, Duration::from_secs(20), "the source");
+    let (ok, out, _) = finish_within(&mut src, Duration::from_secs(20), "the source");
     let took = sent.elapsed();
     let err: Vec<String> = src_err.try_iter().collect();
     assert!(!ok, "the source must fail: {out} {err:?}");
@@ -577,7 +534,7 @@ fn ctrl_c_on_the_source_cancels_a_migration_and_the_guest_runs_on() {
     );
     eprintln!("the source exited {took:?} after SIGINT");
     // The destination discards it and says why.
-    let (ok, out) = finish_within(&mut dst, Duration::from_secs(20), "the destination");
+    let (ok, out, _) = finish_within(&mut dst, Duration::from_secs(20), "the destination");
     assert!(!ok, "the destination must fail: {out}");
     let d: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(d["result"], "discarded", "{d}");

@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Page size of dirty tracking and of page transfers.
 pub const PAGE_SIZE: usize = 4096;
@@ -268,6 +268,28 @@ pub trait DestHypervisor: Send {
 
     /// Starts the guest's vCPUs (after `load_device_state`).
     fn resume(&mut self) -> HvResult<()>;
+}
+
+/// A destination shared with its owner, who reads it (a guest's counter,
+/// say) while a migration drives it.
+impl<G: DestHypervisor> DestHypervisor for Arc<Mutex<G>> {
+    fn regions(&self) -> Vec<GuestRegion> {
+        locked(self).regions()
+    }
+
+    fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
+        locked(self).load_device_state(blob)
+    }
+
+    fn resume(&mut self) -> HvResult<()> {
+        locked(self).resume()
+    }
+}
+
+/// Locks `m`, going on after a panic elsewhere (the guest's state is the
+/// hypervisor's; a poisoned lock says nothing about it).
+fn locked<G>(m: &Mutex<G>) -> MutexGuard<'_, G> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
