@@ -61,7 +61,7 @@ pub fn serve(listen: &str, dir: &Path, key: Option<Key>, workers: Option<usize>)
     let addr = resolve(listen)?;
     let sink = DirSink::new(dir)
         .with_context(|| format!("target directory {}", dir.display()))?
-        .with_report(report);
+        .with_report(std::sync::Arc::new(report));
     let mut b = Engine::builder();
     if let Some(w) = workers {
         b = b.workers(w);

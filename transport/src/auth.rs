@@ -45,6 +45,11 @@ impl Key {
         Key(b)
     }
 
+    /// The key's bytes (for handing to another process or API).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The key as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()

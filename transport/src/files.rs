@@ -112,14 +112,22 @@ pub fn safe_relative(path: &str) -> Result<Vec<&str>, String> {
 }
 
 /// Hears of each finished file: its path and length, or why it failed.
-pub type Report = fn(&Path, u64, Result<(), &str>);
+pub type Report = Arc<dyn Fn(&Path, u64, Result<(), &str>) + Send + Sync>;
 
 /// Writes file regions into a directory.
-#[derive(Debug)]
 pub struct DirSink {
     root: PathBuf,
     /// Called with each finished file's path and length, or its error.
     report: Option<Report>,
+}
+
+impl std::fmt::Debug for DirSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirSink")
+            .field("root", &self.root)
+            .field("report", &self.report.is_some())
+            .finish()
+    }
 }
 
 impl DirSink {
@@ -203,7 +211,7 @@ impl Sink for DirSink {
             target,
             digest: PieceDigest::new(info.len),
             meta,
-            report: self.report,
+            report: self.report.clone(),
         }))
     }
 }
@@ -278,7 +286,7 @@ impl RegionWriter for FileRegion {
 
     fn finish(&self, len: u64, digest: &[u8; 32]) -> Result<(), String> {
         let r = self.finish_inner(len, digest);
-        if let Some(f) = self.report {
+        if let Some(f) = &self.report {
             f(
                 &self.target,
                 len,

@@ -583,7 +583,20 @@ impl Sender {
     /// Cancels the session: nothing more is sent; the receiver discards
     /// what is unfinished when its grace period ends.
     pub fn cancel(self) {
-        lock(&self.shared.state).failed = Some("cancelled".into());
+        self.abort("cancelled");
+    }
+
+    /// [`Sender::cancel`] from any thread, without taking the sender: every
+    /// call waiting on the session (`send_region`, `wait_region`,
+    /// `send_stream`, `close`) returns [`TransportError::SessionLost`] with
+    /// `reason`, and nothing more is sent.
+    pub fn abort(&self, reason: &str) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.failed.get_or_insert_with(|| reason.to_string());
+            st.wake_all();
+        }
+        self.shared.cond.notify_all();
         self.stop();
     }
 }
