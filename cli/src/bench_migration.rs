@@ -1,8 +1,11 @@
 //! `dwcp bench migration`: the standard workload guest migrated between two
 //! network namespaces joined by veth (tbf-limited to `--rate`), as two
 //! `dwcp migrate` processes, with the final report per run and medians.
+//! With `--vmm PATH`, the C VMM at PATH (ffi/examples/kvm_vmm.c, the same
+//! guest driven through libdwcp) migrates on the same link too, its runs
+//! alternating with `dwcp migrate`'s, and the two are compared.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,17 @@ pub struct Options {
     /// An untimed run first (warms page caches and the first-touch cost of
     /// fresh memory, see the note on this machine).
     pub warmup: bool,
+    /// A C VMM (ffi/examples/kvm_vmm) to compare with `dwcp migrate`.
+    pub vmm: Option<PathBuf>,
+}
+
+/// Which program migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    /// `dwcp migrate` (this program).
+    Rust,
+    /// The C VMM over libdwcp.
+    C,
 }
 
 /// One run's figures.
@@ -57,11 +71,17 @@ fn num(v: &Value, k: &str) -> Result<f64> {
         .with_context(|| format!("report has no {k}: {v}"))
 }
 
-fn once(pair: &LinkPair, exe: &Path, key: &Path, o: &Options) -> Result<Run> {
+fn once(pair: &LinkPair, vmm: Vmm, exe: &Path, key: &Path, o: &Options) -> Result<Run> {
     let ram = o.ram.to_string();
     let budget = o.deadline + Duration::from_secs(60);
+    // The C VMM takes `dwcp migrate`'s flags, `--to` spelled `--migrate-to`.
+    let (sub, to): (&[&str], &str) = match vmm {
+        Vmm::Rust => (&["migrate"], "--to"),
+        Vmm::C => (&[], "--migrate-to"),
+    };
     let mut dst = pair.command(Side::B, exe);
-    dst.args(["migrate", "--incoming"])
+    dst.args(sub)
+        .arg("--incoming")
         .arg(format!("{}:0", pair.addr(Side::B)))
         .args(["--ram", &ram, "--json", "--run-after", "300ms", "--key"])
         .arg(key);
@@ -77,7 +97,8 @@ fn once(pair: &LinkPair, exe: &Path, key: &Path, o: &Options) -> Result<Run> {
         .with_context(|| format!("the destination said {listening:?}"))?
         .to_owned();
     let mut src: Command = pair.command(Side::A, exe);
-    src.args(["migrate", "--to", &addr, "--ram", &ram, "--json"])
+    src.args(sub)
+        .args([to, &addr, "--ram", &ram, "--json"])
         .args(["--dirty", &o.dirty.to_string()])
         .args(["--downtime", &format!("{}ms", o.downtime.as_millis())])
         .args(["--deadline", &format!("{}ms", o.deadline.as_millis())])
@@ -108,8 +129,9 @@ fn once(pair: &LinkPair, exe: &Path, key: &Path, o: &Options) -> Result<Run> {
     })
 }
 
-/// Runs the benchmark; returns the runs.
-pub fn run(o: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Run>> {
+/// Runs the benchmark; returns the runs of `dwcp migrate`, and of the C
+/// VMM when [`Options::vmm`] names one (alternating with them).
+pub fn run(o: &Options, mut progress: impl FnMut(&str)) -> Result<(Vec<Run>, Vec<Run>)> {
     crate::netns::available().map_err(|e| anyhow!("dwcp bench migration: {e}"))?;
     dwcp_migration::kvm::kvm_available()
         .map_err(|e| anyhow!("dwcp bench migration needs KVM: {e}"))?;
@@ -117,34 +139,79 @@ pub fn run(o: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Run>> {
         bail!("--repeat must be at least 1");
     }
     let exe = std::env::current_exe().context("finding this program's path")?;
+    let mut vmms = vec![(Vmm::Rust, exe)];
+    if let Some(c) = &o.vmm {
+        if !c.is_file() {
+            bail!(
+                "--vmm {}: no such program (build ffi/examples/kvm_vmm.c, see ffi/examples/README.md)",
+                c.display()
+            );
+        }
+        vmms.push((Vmm::C, c.clone()));
+    }
     let keys = KeyDir::new()?;
     let pair = LinkPair::create(o.rate_bps)?;
     if o.warmup {
-        progress("warm-up run (not counted)");
-        once(&pair, &exe, &keys.key(), o).context("warm-up run")?;
+        for (vmm, exe) in &vmms {
+            progress(&format!("warm-up run of {} (not counted)", name(*vmm)));
+            once(&pair, *vmm, exe, &keys.key(), o).context("warm-up run")?;
+        }
     }
-    let mut runs = Vec::new();
+    let (mut rust, mut c) = (Vec::new(), Vec::new());
     for i in 0..o.repeat {
-        progress(&format!(
-            "run {}/{}: {} guest dirtying {} MiB/s",
-            i + 1,
-            o.repeat,
-            format_size(o.ram),
-            o.dirty
-        ));
-        runs.push(once(&pair, &exe, &keys.key(), o).with_context(|| format!("run {}", i + 1))?);
+        for (vmm, exe) in &vmms {
+            progress(&format!(
+                "run {}/{} of {}: {} guest dirtying {} MiB/s",
+                i + 1,
+                o.repeat,
+                name(*vmm),
+                format_size(o.ram),
+                o.dirty
+            ));
+            let r = once(&pair, *vmm, exe, &keys.key(), o)
+                .with_context(|| format!("run {} of {}", i + 1, name(*vmm)))?;
+            match vmm {
+                Vmm::Rust => rust.push(r),
+                Vmm::C => c.push(r),
+            }
+        }
     }
-    Ok(runs)
+    Ok((rust, c))
+}
+
+fn name(vmm: Vmm) -> &'static str {
+    match vmm {
+        Vmm::Rust => "dwcp migrate",
+        Vmm::C => "the C VMM",
+    }
+}
+
+/// The C VMM's medians against `dwcp migrate`'s: ratios, and whether each
+/// is within 10% or 3 ms (whichever is larger) of the Rust path's.
+pub fn comparison(rust: &Value, c: &Value) -> Value {
+    let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let within = |k: &str| {
+        let (r, c) = (get(rust, k), get(c, k));
+        c <= r + (0.10 * r).max(3.0)
+    };
+    json!({
+        "name": "migration-c-vs-rust",
+        "total_ratio": get(c, "total_ms") / get(rust, "total_ms"),
+        "downtime_ratio": get(c, "downtime_ms") / get(rust, "downtime_ms"),
+        "total_within": within("total_ms"),
+        "downtime_within": within("downtime_ms"),
+    })
 }
 
 /// The median report as one JSON object.
-pub fn summary(o: &Options, runs: &[Run]) -> Value {
+pub fn summary(o: &Options, vmm: Vmm, runs: &[Run]) -> Value {
     let med = |f: &dyn Fn(&Run) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         median(&mut v)
     };
     json!({
         "name": "migration",
+        "vmm": match vmm { Vmm::Rust => "rust", Vmm::C => "c" },
         "ram": o.ram,
         "dirty_mibps": o.dirty,
         "rate": o.rate_bps,
@@ -165,14 +232,15 @@ pub fn summary(o: &Options, runs: &[Run]) -> Value {
 }
 
 /// The report as a table.
-pub fn print_table(o: &Options, runs: &[Run]) {
+pub fn print_table(o: &Options, vmm: Vmm, runs: &[Run]) {
     let link = if o.rate_bps == 0 {
         "unlimited veth".to_string()
     } else {
         format!("tbf {} Mbit/s veth", o.rate_bps / 1_000_000)
     };
     println!(
-        "dwcp bench migration: {} guest dirtying {} MiB/s, {link}, mode {}",
+        "dwcp bench migration ({}): {} guest dirtying {} MiB/s, {link}, mode {}",
+        name(vmm),
         format_size(o.ram),
         o.dirty,
         o.mode
@@ -205,7 +273,7 @@ pub fn print_table(o: &Options, runs: &[Run]) {
             r.verified
         );
     }
-    let s = summary(o, runs);
+    let s = summary(o, vmm, runs);
     println!(
         "\nmedian of {}: total {:.0} ms, downtime {:.1} ms, guest dirtied {:.1} MiB/s; converged {}; verified {}",
         runs.len(),

@@ -301,6 +301,10 @@ struct MigrationBenchArgs {
     /// Skip the untimed warm-up run.
     #[arg(long)]
     no_warmup: bool,
+    /// Also migrate with this C VMM over libdwcp (ffi/examples/kvm_vmm),
+    /// alternating runs with `dwcp migrate`, and compare the medians.
+    #[arg(long)]
+    vmm: Option<std::path::PathBuf>,
     /// One JSON object (the medians) instead of the table.
     #[arg(long)]
     json: bool,
@@ -490,12 +494,40 @@ fn bench_migration(a: &MigrationBenchArgs) -> Result<()> {
         streams: a.streams.clone(),
         repeat: a.repeat as usize,
         warmup: !a.no_warmup,
+        vmm: a.vmm.clone(),
     };
-    let runs = bench_migration::run(&o, progress(a.json))?;
+    let (rust, c) = bench_migration::run(&o, progress(a.json))?;
+    let r = bench_migration::summary(&o, bench_migration::Vmm::Rust, &rust);
     if a.json {
-        println!("{}", bench_migration::summary(&o, &runs));
+        println!("{r}");
     } else {
-        bench_migration::print_table(&o, &runs);
+        bench_migration::print_table(&o, bench_migration::Vmm::Rust, &rust);
+    }
+    if !c.is_empty() {
+        let cs = bench_migration::summary(&o, bench_migration::Vmm::C, &c);
+        let cmp = bench_migration::comparison(&r, &cs);
+        if a.json {
+            println!("{cs}");
+            println!("{cmp}");
+        } else {
+            println!();
+            bench_migration::print_table(&o, bench_migration::Vmm::C, &c);
+            println!(
+                "\nC VMM / dwcp migrate, medians: total {:.3}x ({}), downtime {:.3}x ({}); the floor is within 10% or 3 ms",
+                cmp["total_ratio"].as_f64().unwrap_or(f64::NAN),
+                if cmp["total_within"] == true {
+                    "within"
+                } else {
+                    "NOT within"
+                },
+                cmp["downtime_ratio"].as_f64().unwrap_or(f64::NAN),
+                if cmp["downtime_within"] == true {
+                    "within"
+                } else {
+                    "NOT within"
+                },
+            );
+        }
     }
     Ok(())
 }
