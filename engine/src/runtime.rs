@@ -149,9 +149,24 @@ pub(crate) struct Local {
     spin: Duration,
     /// What the kernel offered.
     pub features: crate::engine::Features,
-    /// Read target of the wake-up eventfd; leaked at teardown because the
-    /// kernel may still write it while the ring closes.
+    /// Read target of the wake-up eventfd. Freed with the worker once
+    /// teardown saw the kernel finish the read on it; leaked otherwise
+    /// (the kernel may still write it while the ring closes).
     wake_buf: *mut u64,
+    /// Teardown saw the last wake-up read complete: `wake_buf` may be
+    /// freed.
+    wake_buf_idle: Cell<bool>,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if self.wake_buf_idle.get() {
+            // SAFETY: made by `Box::into_raw` in `Local::new`, freed only
+            // here, and no read into it is in flight (teardown saw the
+            // kernel complete the last one and armed none after).
+            drop(unsafe { Box::from_raw(self.wake_buf) });
+        }
+    }
 }
 
 thread_local! {
@@ -217,6 +232,7 @@ impl Local {
             spin,
             features,
             wake_buf: Box::into_raw(Box::new(0u64)),
+            wake_buf_idle: Cell::new(false),
         }
     }
 
@@ -320,8 +336,9 @@ impl Local {
             8,
         )
         .build();
-        // SAFETY: `wake_buf` is a heap u64 that is never freed (leaked at
-        // teardown), so it outlives the read.
+        // SAFETY: `wake_buf` is a heap u64 freed only when the worker is
+        // dropped after teardown saw this read complete (or never), so it
+        // outlives the read.
         if unsafe { driver.submit_internal(entry, WAKE_TOKEN) }.is_ok() {
             driver.wake_armed = true;
         }
@@ -475,10 +492,15 @@ impl Local {
         let mut driver = self.driver.borrow_mut();
         driver.cancel_everything();
         let deadline = Instant::now() + TEARDOWN_WAIT;
-        while driver.in_flight() > 0 && Instant::now() < deadline {
+        // The wake-up read is cancelled too; wait for it as well, so that
+        // its buffer can be freed.
+        while (driver.in_flight() > 0 || driver.wake_armed) && Instant::now() < deadline {
             let _ = driver.enter(Some(Some(Duration::from_millis(10))));
-            driver.reap();
+            if driver.reap().woken {
+                driver.wake_armed = false;
+            }
         }
+        self.wake_buf_idle.set(!driver.wake_armed);
         if driver.in_flight() > 0 {
             // The kernel still holds buffers: never free memory it may write.
             driver.leak_parked();
