@@ -289,7 +289,8 @@ typedef struct {
 //
 // Every callback gets the `user` pointer given with the table and returns
 // 0 on success; any other value is a failure, which cancels the migration
-// (the value is quoted in the error message). A source uses
+// (the value is quoted in the error message, with the reason the callback
+// gave [`dwcp_callback_error`], if it did). A source uses
 // `start_dirty_log`, `read_and_clear_dirty`, `stop_dirty_log`, `pause`,
 // `resume`, `save_device_state` (all required) and `throttle` (optional:
 // NULL disables throttling); they are called from the thread that called
@@ -298,9 +299,9 @@ typedef struct {
 // thread, one at a time; the others may be NULL there.
 typedef struct {
   // Starts dirty tracking of every region (e.g. set
-  // `KVM_MEM_LOG_DIRTY_PAGES`). Until the first read after it, every
-  // page counts as dirty: the first `read_and_clear_dirty` may report
-  // all pages.
+  // `KVM_MEM_LOG_DIRTY_PAGES`). Right after it the library reads every
+  // region's bitmap once and discards it (round 0 sends every page
+  // anyway), so a tracker may report all pages on that first read.
   int (*start_dirty_log)(void *user);
   // Writes the dirty bitmap of region `region` (an index into the
   // regions given at creation) into `bitmap`: exactly `words` 64-bit
@@ -533,6 +534,16 @@ dwcp_status dwcp_key_generate(const char *path, uint8_t *out_key);
 // # Safety
 // `out` must be valid for one write.
 dwcp_status dwcp_migration_options_default(dwcp_migration_options *out_opts);
+
+// Called from inside a hypervisor callback that is about to return
+// non-zero: `message` (copied) says why, and is quoted in the migration's
+// error message after the callback's return value. Only the last call
+// before the callback returns counts; outside a callback it has no
+// effect.
+//
+// # Safety
+// `message` must be NULL or a NUL-terminated string.
+dwcp_status dwcp_callback_error(const char *message);
 
 // Makes the source side of a migration of the guest whose memory is
 // `regions` (`n_regions` of them), driven through `cbs` with context

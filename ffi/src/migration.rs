@@ -41,7 +41,8 @@ pub struct dwcp_region {
 ///
 /// Every callback gets the `user` pointer given with the table and returns
 /// 0 on success; any other value is a failure, which cancels the migration
-/// (the value is quoted in the error message). A source uses
+/// (the value is quoted in the error message, with the reason the callback
+/// gave [`dwcp_callback_error`], if it did). A source uses
 /// `start_dirty_log`, `read_and_clear_dirty`, `stop_dirty_log`, `pause`,
 /// `resume`, `save_device_state` (all required) and `throttle` (optional:
 /// NULL disables throttling); they are called from the thread that called
@@ -52,9 +53,9 @@ pub struct dwcp_region {
 #[derive(Debug, Clone, Copy)]
 pub struct dwcp_hv_callbacks {
     /// Starts dirty tracking of every region (e.g. set
-    /// `KVM_MEM_LOG_DIRTY_PAGES`). Until the first read after it, every
-    /// page counts as dirty: the first `read_and_clear_dirty` may report
-    /// all pages.
+    /// `KVM_MEM_LOG_DIRTY_PAGES`). Right after it the library reads every
+    /// region's bitmap once and discards it (round 0 sends every page
+    /// anyway), so a tracker may report all pages on that first read.
     pub start_dirty_log: Option<unsafe extern "C" fn(user: *mut c_void) -> c_int>,
     /// Writes the dirty bitmap of region `region` (an index into the
     /// regions given at creation) into `bitmap`: exactly `words` 64-bit
@@ -383,6 +384,36 @@ unsafe fn guest_regions(regions: *const dwcp_region, n: usize) -> Result<Vec<Gue
     Ok(out)
 }
 
+thread_local! {
+    /// The reason a callback running on this thread gave for failing.
+    static CALLBACK_ERROR: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Called from inside a hypervisor callback that is about to return
+/// non-zero: `message` (copied) says why, and is quoted in the migration's
+/// error message after the callback's return value. Only the last call
+/// before the callback returns counts; outside a callback it has no
+/// effect.
+///
+/// # Safety
+/// `message` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dwcp_callback_error(message: *const c_char) -> dwcp_status {
+    // Not through `call`: the thread's last error is not this call's.
+    let r = std::panic::catch_unwind(|| {
+        if message.is_null() {
+            return dwcp_status::NullArgument;
+        }
+        // SAFETY: non-NULL and NUL-terminated (caller's contract).
+        let m = unsafe { std::ffi::CStr::from_ptr(message) }.to_string_lossy();
+        let m: String = m.chars().take(1024).collect();
+        CALLBACK_ERROR.with(|e| *e.borrow_mut() = Some(m));
+        dwcp_status::Ok
+    });
+    r.unwrap_or(dwcp_status::Panic)
+}
+
 /// The first status a callback caused, so that the migration's error maps
 /// to it.
 type Fault = Arc<Mutex<Option<dwcp_status>>>;
@@ -404,13 +435,16 @@ impl Callbacks {
 
     /// Runs a callback that returns a code.
     fn check(&self, what: &str, f: impl FnOnce(*mut c_void) -> c_int) -> HvResult<()> {
+        CALLBACK_ERROR.with(|e| e.borrow_mut().take());
         match f(self.user.0) {
             0 => Ok(()),
-            code => Err(self.fail(
-                dwcp_status::CallbackFailed,
-                what,
-                format!("returned {code}"),
-            )),
+            code => {
+                let reason = match CALLBACK_ERROR.with(|e| e.borrow_mut().take()) {
+                    Some(why) => format!("returned {code}: {why}"),
+                    None => format!("returned {code}"),
+                };
+                Err(self.fail(dwcp_status::CallbackFailed, what, reason))
+            }
         }
     }
 
