@@ -270,12 +270,13 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
             let after = src.counter();
             let cancelled = matches!(e, MigrationError::Cancelled(_));
+            let unknown = matches!(e, MigrationError::OutcomeUnknown(_));
             if json {
                 println!(
                     "{}",
                     json!({
                         "name": "migrate",
-                        "result": if cancelled { "cancelled" } else { "failed" },
+                        "result": if unknown { "unknown" } else if cancelled { "cancelled" } else { "failed" },
                         "error": e.to_string(),
                         "interrupted": cfg.cancel.is_cancelled(),
                         "source_runs": after > before || o.dirty == 0,
@@ -283,6 +284,18 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                         "counter_after": after,
                     })
                 );
+            }
+            if unknown {
+                // This process holds the only other copy: keep it paused
+                // until the operator has asked the destination.
+                eprintln!(
+                    "{e}. Check the destination: if its guest runs, this one must not. Ctrl-C discards this (paused) guest."
+                );
+                let sigint = CatchSigint::install()?;
+                while !sigint.interrupted() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                bail!("{e}; the paused source guest was discarded on request");
             }
             bail!("{e}; the source guest runs on (counter {before} -> {after})")
         }

@@ -157,6 +157,12 @@ enum dwcp_status
   DWCP_STATUS_MIGRATION_DISCARDED = 403,
   // The page codec refused data.
   DWCP_STATUS_CODEC = 404,
+  // The session failed after the final part was sent and before the
+  // destination confirmed it: the destination may be running the guest,
+  // so the source guest stays **paused** (never two copies running).
+  // Find out from the destination (its `dwcp_migration_wait_incoming`)
+  // before resuming or discarding the source.
+  DWCP_STATUS_MIGRATION_OUTCOME_UNKNOWN = 405,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -569,8 +575,12 @@ dwcp_status dwcp_migration_source_new(const dwcp_engine *engine,
 // and writes the final report into `*out`. Blocks until the destination's
 // guest runs (then the source guest stays paused: free it) or the
 // migration fails: then the source guest runs on (resumed, unthrottled,
-// dirty log stopped) and the destination discards what it received. A
-// handle migrates once (`DWCP_STATUS_BUSY` after).
+// dirty log stopped) and the destination discards what it received.
+// The one exception is `DWCP_STATUS_MIGRATION_OUTCOME_UNKNOWN`: the
+// session failed after the final part left, the destination may be
+// running the guest, and the source stays paused (dirty log stopped,
+// unthrottled) until you find out. A handle migrates once
+// (`DWCP_STATUS_BUSY` after).
 //
 // For a paused guest, a destination that vanishes should cost seconds:
 // consider `stall_timeout_ms` 2000 and `resume_ms` 3000.

@@ -707,8 +707,12 @@ pub unsafe extern "C" fn dwcp_migration_source_new(
 /// and writes the final report into `*out`. Blocks until the destination's
 /// guest runs (then the source guest stays paused: free it) or the
 /// migration fails: then the source guest runs on (resumed, unthrottled,
-/// dirty log stopped) and the destination discards what it received. A
-/// handle migrates once (`DWCP_STATUS_BUSY` after).
+/// dirty log stopped) and the destination discards what it received.
+/// The one exception is `DWCP_STATUS_MIGRATION_OUTCOME_UNKNOWN`: the
+/// session failed after the final part left, the destination may be
+/// running the guest, and the source stays paused (dirty log stopped,
+/// unthrottled) until you find out. A handle migrates once
+/// (`DWCP_STATUS_BUSY` after).
 ///
 /// For a paused guest, a destination that vanishes should cost seconds:
 /// consider `stall_timeout_ms` 2000 and `resume_ms` 3000.
@@ -786,11 +790,17 @@ pub unsafe extern "C" fn dwcp_migration_migrate_to(
                 if let Some(s) = sender {
                     s.cancel();
                 }
+                let unknown = matches!(
+                    e,
+                    ::dwcp_migration::precopy::MigrationError::OutcomeUnknown(_)
+                );
                 let mut err = Error::from(e);
-                if let Some(status) = *lock(&mig.fault) {
-                    err.status = status;
+                if !unknown {
+                    if let Some(status) = *lock(&mig.fault) {
+                        err.status = status;
+                    }
+                    err.message.push_str("; the source guest runs on");
                 }
-                err.message.push_str("; the source guest runs on");
                 Err(err)
             }
         }

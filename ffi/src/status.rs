@@ -68,6 +68,12 @@ pub enum dwcp_status {
     MigrationDiscarded = 403,
     /// The page codec refused data.
     Codec = 404,
+    /// The session failed after the final part was sent and before the
+    /// destination confirmed it: the destination may be running the guest,
+    /// so the source guest stays **paused** (never two copies running).
+    /// Find out from the destination (its `dwcp_migration_wait_incoming`)
+    /// before resuming or discarding the source.
+    MigrationOutcomeUnknown = 405,
 }
 
 /// An error on its way to the caller.
@@ -136,6 +142,9 @@ impl From<MigrationError> for Error {
             MigrationError::Hypervisor(h) => Error::new(dwcp_status::CallbackFailed, h.to_string()),
             MigrationError::Transport(t) => Error::from(t),
             MigrationError::Codec(c) => Error::new(dwcp_status::Codec, c.to_string()),
+            e @ MigrationError::OutcomeUnknown(_) => {
+                Error::new(dwcp_status::MigrationOutcomeUnknown, e.to_string())
+            }
         }
     }
 }
@@ -304,6 +313,7 @@ pub extern "C" fn dwcp_status_name(status: u32) -> *const c_char {
         402 => b"DWCP_STATUS_CALLBACK_BAD_DATA\0",
         403 => b"DWCP_STATUS_MIGRATION_DISCARDED\0",
         404 => b"DWCP_STATUS_CODEC\0",
+        405 => b"DWCP_STATUS_MIGRATION_OUTCOME_UNKNOWN\0",
         _ => b"DWCP_STATUS_UNKNOWN\0",
     };
     s.as_ptr().cast()
@@ -381,7 +391,7 @@ mod tests {
         ] {
             assert_ne!(name(v), "DWCP_STATUS_UNKNOWN", "{v}");
         }
-        for v in 400..=404 {
+        for v in 400..=405 {
             assert_ne!(name(v), "DWCP_STATUS_UNKNOWN", "{v}");
         }
     }

@@ -103,9 +103,19 @@ impl CancelToken {
     }
 }
 
-/// A migration that did not complete; the source guest runs on.
+/// A migration that did not complete; the source guest runs on, except
+/// after [`MigrationError::OutcomeUnknown`].
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// The session failed after `End` was sent and before the destination
+    /// confirmed it: the destination may have started the guest, so the
+    /// source guest stays **paused** (resuming it could leave two copies
+    /// running). Ask the destination whether its guest runs before
+    /// resuming or discarding the source.
+    #[error(
+        "the session failed after the final part was sent ({0}): the destination may be running the guest, so the source guest stays paused"
+    )]
+    OutcomeUnknown(String),
     /// The controller gave up (deadline, round limit, no convergence), or
     /// the caller cancelled ([`CANCELLED_BY_CALLER`]).
     #[error("migration cancelled: {0}")]
@@ -513,14 +523,22 @@ pub fn migrate_out(
 ) -> Result<MigrationReport, MigrationError> {
     let mut paused = false;
     let r = run_source(hv, sender, cfg, &mut on_round, &mut paused);
-    if let Err(e) = &r {
-        // The source keeps running, whatever failed.
-        if paused {
-            let _ = hv.resume();
+    match &r {
+        Err(MigrationError::OutcomeUnknown(_)) => {
+            // The destination may run the guest: never two copies.
+            let _ = hv.throttle(0);
+            let _ = hv.stop_dirty_log();
         }
-        let _ = hv.throttle(0);
-        let _ = hv.stop_dirty_log();
-        tell_destination(sender, e);
+        Err(e) => {
+            // The source keeps running, whatever failed.
+            if paused {
+                let _ = hv.resume();
+            }
+            let _ = hv.throttle(0);
+            let _ = hv.stop_dirty_log();
+            tell_destination(sender, e);
+        }
+        Ok(_) => {}
     }
     r
 }
@@ -642,7 +660,7 @@ fn run_source(
     // them arrived, were verified and applied, and the guest runs. The
     // last moment to cancel: from here the destination decides.
     guard.check()?;
-    sender.send_region(end, Arc::new(Vec::new()))?;
+    send_end(sender, end)?;
     let downtime = t0.elapsed();
     pump.drain(None)?;
     let _ = hv.stop_dirty_log();
@@ -662,6 +680,24 @@ fn run_source(
         total: start.elapsed(),
         wire_bytes: m.wire_bytes,
     })
+}
+
+/// Sends `End` and waits for the destination's answer. Up to the moment
+/// `End` may have left, a failure is an ordinary one (the source resumes);
+/// after it, only the destination's refusal is: a session lost before
+/// the answer leaves the outcome unknown.
+fn send_end(sender: &Sender, end: Vec<u8>) -> Result<(), MigrationError> {
+    let id = sender.open_region(end, Arc::new(Vec::new()))?;
+    let r = sender
+        .close_region_when_sent(id)
+        .and_then(|()| sender.wait_region(id));
+    match r {
+        Ok(()) => Ok(()),
+        // The destination finished `End` with an error: it discarded the
+        // migration and its guest never starts.
+        Err(e @ dwcp_transport::TransportError::Region { .. }) => Err(e.into()),
+        Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
+    }
 }
 
 /// The union of two ascending page lists.

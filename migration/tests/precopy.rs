@@ -480,3 +480,80 @@ fn a_kvm_migration_cancelled_mid_way_leaves_the_source_running() {
     sender.cancel();
     recv.close().unwrap();
 }
+
+/// A destination whose `resume` tells the test it has committed, then
+/// waits for the test's go before starting the guest.
+struct Gated {
+    guest: Arc<Mutex<SyntheticGuest>>,
+    committed: std::sync::mpsc::Sender<()>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl DestHypervisor for Gated {
+    fn regions(&self) -> Vec<GuestRegion> {
+        DestHypervisor::regions(&*self.guest.lock().unwrap())
+    }
+    fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
+        self.guest.lock().unwrap().load_device_state(blob)
+    }
+    fn resume(&mut self) -> HvResult<()> {
+        let _ = self.committed.send(());
+        let _ = self
+            .go
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+        DestHypervisor::resume(&mut *self.guest.lock().unwrap())
+    }
+}
+
+#[test]
+fn a_session_lost_after_end_leaves_the_source_paused_never_two_guests() {
+    let ram = 64 << 20;
+    let mut src = SyntheticGuest::source(ram, 30, 21).unwrap();
+    let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 30).unwrap()));
+    let (committed_tx, committed) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let incoming = Incoming::new(
+        Box::new(Gated {
+            guest: dst.clone(),
+            committed: committed_tx,
+            go: Mutex::new(go_rx),
+        }),
+        1 << 30,
+    );
+    let (recv, sender, rx, _tx) = slow_session(&incoming);
+    let result = std::thread::scope(|s| {
+        let h = s.spawn(|| migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {}));
+        // The destination is starting the guest; now its process loses the
+        // network (listener and connections), so `End`'s answer never
+        // reaches the source.
+        committed
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the destination never got to start the guest");
+        let killer = s.spawn(move || {
+            drop(recv);
+            drop(rx);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        go.send(()).unwrap();
+        killer.join().unwrap();
+        h.join().unwrap()
+    });
+    eprintln!("session lost after End: {result:?}");
+    assert!(
+        matches!(result, Err(MigrationError::OutcomeUnknown(_))),
+        "{result:?}"
+    );
+    // The destination runs the guest...
+    match incoming.wait(Duration::from_secs(10)) {
+        Some(Ok(_)) => {}
+        other => panic!("the destination should run the guest: {other:?}"),
+    }
+    assert_runs_on(|| dst.lock().unwrap().counter(), "the destination");
+    // ... and the source stays paused: never two copies running.
+    let before = src.counter();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(src.counter(), before, "the source runs too");
+    sender.cancel();
+}
