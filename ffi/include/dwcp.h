@@ -286,8 +286,8 @@ typedef struct {
   // Where the range is mapped in this process: readable and writable,
   // mapped until the migration handle is freed.
   void *host;
-  // Length in bytes; not 0. Dirty bitmaps count its 4 KiB pages (a
-  // trailing partial page counts as one).
+  // Length in bytes: a multiple of 4096, not 0. Dirty bitmaps count its
+  // 4 KiB pages.
   uint64_t len;
 } dwcp_region;
 
@@ -560,7 +560,8 @@ dwcp_status dwcp_callback_error(const char *message);
 // `engine` must be NULL or a live engine; `regions` NULL or valid for
 // `n_regions` reads, each mapped as [`dwcp_region`] says until the handle
 // is freed; `cbs` NULL or valid for a read; `user` whatever the callbacks
-// expect; `opts` NULL or valid for a read; `out` valid for one write.
+// expect; `opts` NULL (the defaults) or valid for a read; `out` valid for
+// one write.
 dwcp_status dwcp_migration_source_new(const dwcp_engine *engine,
                                       const dwcp_region *regions,
                                       size_t n_regions,
@@ -595,7 +596,9 @@ dwcp_status dwcp_migration_migrate_to(dwcp_migration *m,
                                       dwcp_migration_report *out_report);
 
 // Makes the destination side of a migration into the guest whose memory
-// is `regions` (which must match the source's in number, base and length),
+// is `regions` (which must match the source's in number, base and length;
+// they are zeroed here where not zero already, as the migration writes
+// only the pages that are not zero at the source),
 // driven through `cbs` (`load_device_state` and `resume`) with context
 // `user`, and writes its handle into `*out`. Then
 // [`dwcp_migration_listen`] and [`dwcp_migration_wait_incoming`].
@@ -713,8 +716,8 @@ dwcp_status dwcp_connect_options_default(dwcp_connect_options *out_opts);
 //
 // # Safety
 // `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
-// string; `opts` NULL or valid for a read (its `key` NULL or 32 bytes);
-// `out` valid for one write.
+// string; `opts` NULL (the defaults, which carry no key) or valid for a
+// read (its `key` NULL or 32 bytes); `out` valid for one write.
 dwcp_status dwcp_connect(const dwcp_engine *engine,
                          const char *addr,
                          const dwcp_connect_options *opts,
@@ -834,8 +837,9 @@ dwcp_status dwcp_listen_options_default(dwcp_listen_options *out_opts);
 //
 // # Safety
 // `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
-// string; `opts` NULL or valid for a read (its `key` NULL or 32 bytes, its
-// `dir` NULL or a NUL-terminated string); `out` valid for one write.
+// string; `opts` NULL (the defaults, which carry no key) or valid for a
+// read (its `key` NULL or 32 bytes, its `dir` NULL or a NUL-terminated
+// string); `out` valid for one write.
 dwcp_status dwcp_listen(const dwcp_engine *engine,
                         const char *addr,
                         const dwcp_listen_options *opts,
@@ -900,8 +904,9 @@ dwcp_status dwcp_received_name(const dwcp_received *received,
 
 // Writes the bytes of a received transfer: `*data` points at them (valid
 // until the transfer is freed; do not free it yourself) and `*len` is
-// their number. A listener with a directory keeps no bytes: `*data` is
-// then NULL and `*len` the file's length.
+// their number (NULL and 0 for an empty transfer). A listener with a
+// directory keeps no bytes: `*data` is then NULL and `*len` the file's
+// length.
 //
 // # Safety
 // `received` must be NULL or a live received transfer; `data` and `len`

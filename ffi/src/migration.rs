@@ -32,8 +32,8 @@ pub struct dwcp_region {
     /// Where the range is mapped in this process: readable and writable,
     /// mapped until the migration handle is freed.
     pub host: *mut c_void,
-    /// Length in bytes; not 0. Dirty bitmaps count its 4 KiB pages (a
-    /// trailing partial page counts as one).
+    /// Length in bytes: a multiple of 4096, not 0. Dirty bitmaps count its
+    /// 4 KiB pages.
     pub len: u64,
 }
 
@@ -351,6 +351,9 @@ unsafe fn guest_regions(regions: *const dwcp_region, n: usize) -> Result<Vec<Gue
         if r.len == 0 {
             return Err(bad("length 0".into()));
         }
+        if !r.len.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad(format!("length {} is not a multiple of 4096", r.len)));
+        }
         if !r.gpa.is_multiple_of(PAGE_SIZE as u64) {
             return Err(bad(format!("gpa {:#x} is not 4 KiB aligned", r.gpa)));
         }
@@ -587,7 +590,11 @@ struct Source {
 
 struct Dest {
     incoming: Incoming,
-    receiver: Mutex<Option<Receiver>>,
+    /// Shared with a running `wait_incoming`, which must not hold the lock
+    /// while it waits.
+    receiver: Mutex<Option<Arc<Receiver>>>,
+    /// Where it listens, once it does.
+    addr: std::sync::OnceLock<String>,
 }
 
 enum Side {
@@ -607,6 +614,34 @@ pub struct dwcp_migration {
     side: Side,
 }
 
+/// Zeroes every page of `regions` that is not zero already.
+///
+/// The migration sends zero pages as tags and writes only pages that were
+/// written earlier in it, so a destination must start from zeroed memory.
+/// Reading a fresh anonymous mapping only maps the zero page (huge zero
+/// pages with THP), so this costs little there and allocates nothing.
+fn zero_fill(regions: &[GuestRegion]) -> Result<()> {
+    const STEP: usize = 64 * PAGE_SIZE;
+    let mut buf = vec![0u8; STEP];
+    let zero = [0u8; PAGE_SIZE];
+    for r in regions {
+        let mut at = 0;
+        while at < r.len() {
+            let n = STEP.min(r.len() - at);
+            r.read(at, &mut buf[..n])
+                .map_err(|e| Error::invalid(e.to_string()))?;
+            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    r.write(at + i * PAGE_SIZE, &zero[..page.len()])
+                        .map_err(|e| Error::invalid(e.to_string()))?;
+                }
+            }
+            at += n;
+        }
+    }
+    Ok(())
+}
+
 /// Checks the callbacks one side needs and builds the adapter.
 ///
 /// # Safety
@@ -621,8 +656,10 @@ unsafe fn callbacks(
 ) -> Result<(Callbacks, dwcp_migration_options)> {
     // SAFETY: per the caller's contract.
     let cbs = *unsafe { handle(cbs, "callbacks") }?;
-    // SAFETY: per the caller's contract.
-    let opts = *unsafe { handle(opts, "opts") }?;
+    // SAFETY: per the caller's contract: NULL (the defaults) or valid.
+    let opts = unsafe { opts.as_ref() }
+        .copied()
+        .unwrap_or_else(migration_defaults);
     // SAFETY: per the caller's contract.
     let regions = unsafe { guest_regions(regions, n_regions) }?;
     let have = |name: &str| match name {
@@ -659,7 +696,8 @@ unsafe fn callbacks(
 /// `engine` must be NULL or a live engine; `regions` NULL or valid for
 /// `n_regions` reads, each mapped as [`dwcp_region`] says until the handle
 /// is freed; `cbs` NULL or valid for a read; `user` whatever the callbacks
-/// expect; `opts` NULL or valid for a read; `out` valid for one write.
+/// expect; `opts` NULL (the defaults) or valid for a read; `out` valid for
+/// one write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dwcp_migration_source_new(
     engine: *const dwcp_engine,
@@ -734,8 +772,11 @@ pub unsafe extern "C" fn dwcp_migration_migrate_to(
         let mig = unsafe { handle(m.cast_const(), "migration") }?;
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
-        // SAFETY: as above.
-        let conn = unsafe { handle(conn, "conn") }?;
+        // SAFETY: as above: NULL (the defaults, which carry no key) or
+        // valid for a read.
+        let conn = unsafe { conn.as_ref() }
+            .copied()
+            .unwrap_or_else(dwcp_connect_options::defaults);
         let o = out(out_report, "out")?;
         let Side::Source(src) = &mig.side else {
             return Err(Error::invalid("this migration is a destination"));
@@ -825,7 +866,9 @@ impl CancelCheck for MigrateConfig {
 }
 
 /// Makes the destination side of a migration into the guest whose memory
-/// is `regions` (which must match the source's in number, base and length),
+/// is `regions` (which must match the source's in number, base and length;
+/// they are zeroed here where not zero already, as the migration writes
+/// only the pages that are not zero at the source),
 /// driven through `cbs` (`load_device_state` and `resume`) with context
 /// `user`, and writes its handle into `*out`. Then
 /// [`dwcp_migration_listen`] and [`dwcp_migration_wait_incoming`].
@@ -850,6 +893,7 @@ pub unsafe extern "C" fn dwcp_migration_dest_new(
         // SAFETY: per the caller's contract.
         let (cb, opts) = unsafe { callbacks(regions, n_regions, cbs, user, opts, &needed) }?;
         let config = opts.config(false)?;
+        zero_fill(&cb.regions)?;
         let fault = cb.fault.clone();
         let incoming = Incoming::new(Box::new(cb), opts.max_buffered);
         let m = Box::new(dwcp_migration {
@@ -860,6 +904,7 @@ pub unsafe extern "C" fn dwcp_migration_dest_new(
             side: Side::Dest(Dest {
                 incoming,
                 receiver: Mutex::new(None),
+                addr: std::sync::OnceLock::new(),
             }),
         });
         // SAFETY: checked non-NULL; valid for a write.
@@ -886,8 +931,11 @@ pub unsafe extern "C" fn dwcp_migration_listen(
         let mig = unsafe { handle(m.cast_const(), "migration") }?;
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
-        // SAFETY: as above.
-        let opts = unsafe { handle(opts, "opts") }?;
+        // SAFETY: as above: NULL (the defaults, which carry no key) or
+        // valid for a read.
+        let opts = unsafe { opts.as_ref() }
+            .copied()
+            .unwrap_or_else(crate::transfer::listen_defaults);
         let Side::Dest(dst) = &mig.side else {
             return Err(Error::invalid("this migration is a source"));
         };
@@ -905,7 +953,9 @@ pub unsafe extern "C" fn dwcp_migration_listen(
                 "this migration listens already",
             ));
         }
-        *slot = Some(Receiver::bind(&mig.engine, addr, cfg, dst.incoming.sink())?);
+        let r = Receiver::bind(&mig.engine, addr, cfg, dst.incoming.sink())?;
+        let _ = dst.addr.set(r.local_addr().to_string());
+        *slot = Some(Arc::new(r));
         Ok(())
     })
 }
@@ -929,12 +979,12 @@ pub unsafe extern "C" fn dwcp_migration_local_addr(
         let Side::Dest(dst) = &mig.side else {
             return Err(Error::invalid("this migration is a source"));
         };
-        let addr = lock(&dst.receiver)
-            .as_ref()
-            .map(|r| r.local_addr().to_string())
+        let addr = dst
+            .addr
+            .get()
             .ok_or_else(|| Error::new(dwcp_status::Busy, "this migration does not listen yet"))?;
         // SAFETY: the caller's contract on `buf`, `len`, `written`.
-        unsafe { copy_str_out(&addr, buf, len, written) }
+        unsafe { copy_str_out(addr, buf, len, written) }
     })
 }
 
@@ -961,12 +1011,10 @@ pub unsafe extern "C" fn dwcp_migration_wait_incoming(
             return Err(Error::invalid("this migration is a source"));
         };
         let wait = millis(timeout_ms);
-        let outcome = {
-            let recv = lock(&dst.receiver);
-            match recv.as_ref() {
-                Some(r) => dst.incoming.wait_receiving(r, wait),
-                None => dst.incoming.wait(wait),
-            }
+        let recv = lock(&dst.receiver).clone();
+        let outcome = match recv {
+            Some(r) => dst.incoming.wait_receiving(&r, wait),
+            None => dst.incoming.wait(wait),
         };
         match outcome {
             None => Err(Error::new(
@@ -1054,7 +1102,11 @@ pub unsafe extern "C" fn dwcp_migration_free(m: *mut dwcp_migration) {
         if let Side::Dest(dst) = &mig.side {
             dst.incoming.abandon("the destination was freed");
             if let Some(r) = lock(&dst.receiver).take() {
-                let _ = r.close();
+                // No call runs on the handle (the contract), so this is the
+                // only reference.
+                if let Ok(r) = Arc::try_unwrap(r) {
+                    let _ = r.close();
+                }
             }
         }
         drop(mig);
@@ -1078,7 +1130,12 @@ mod tests {
         let mut backing = vec![0u8; 1 << 16];
         let host = backing.as_mut_ptr().cast::<c_void>();
         let r = |gpa, len| dwcp_region { gpa, host, len };
-        assert_eq!(check(&[r(0, 4096), r(0x10000, 100)]), Ok(2));
+        assert_eq!(check(&[r(0, 4096), r(0x10000, 8192)]), Ok(2));
+        assert!(
+            check(&[r(0, 4096 + 100)])
+                .unwrap_err()
+                .contains("multiple of 4096")
+        );
         assert!(check(&[]).unwrap_err().contains("no regions"));
         assert!(check(&[r(1, 4096)]).unwrap_err().contains("aligned"));
         assert!(check(&[r(0, 0)]).unwrap_err().contains("length 0"));

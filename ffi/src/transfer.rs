@@ -98,7 +98,7 @@ pub struct dwcp_connect_options {
 }
 
 impl dwcp_connect_options {
-    fn defaults() -> Self {
+    pub(crate) fn defaults() -> Self {
         dwcp_connect_options {
             key: std::ptr::null(),
             insecure_no_auth: false,
@@ -288,8 +288,8 @@ impl dwcp_session {
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
-/// string; `opts` NULL or valid for a read (its `key` NULL or 32 bytes);
-/// `out` valid for one write.
+/// string; `opts` NULL (the defaults, which carry no key) or valid for a
+/// read (its `key` NULL or 32 bytes); `out` valid for one write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dwcp_connect(
     engine: *const dwcp_engine,
@@ -302,8 +302,10 @@ pub unsafe extern "C" fn dwcp_connect(
         let e = unsafe { handle(engine, "engine") }?;
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
-        // SAFETY: as above.
-        let opts = unsafe { handle(opts, "opts") }?;
+        // SAFETY: as above: NULL (the defaults) or valid for a read.
+        let opts = unsafe { opts.as_ref() }
+            .copied()
+            .unwrap_or_else(dwcp_connect_options::defaults);
         let o = out(out_session, "out")?;
         // SAFETY: `opts.key` per the caller's contract.
         let cfg = unsafe { opts.config() }?;
@@ -583,23 +585,43 @@ const STREAM_QUEUE: usize = 16;
 pub struct dwcp_stream {
     tx: Option<SyncSender<Piece>>,
     thread: Option<JoinHandle<std::result::Result<u64, TransportError>>>,
-    sender: Arc<Sender>,
+    /// Held while the stream runs, so that `dwcp_session_close` waits for
+    /// it; let go once it ended.
+    sender: Option<Arc<Sender>>,
+    /// How it ended: told again by later calls.
+    ended: Option<std::result::Result<u64, (dwcp_status, String)>>,
 }
 
 impl dwcp_stream {
+    /// Waits for the stream's thread (once) and tells how it ended.
     fn join(&mut self) -> Result<u64> {
-        let Some(t) = self.thread.take() else {
-            return Err(Error::new(
+        if let Some(t) = self.thread.take() {
+            let r = match t.join() {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => Err(Error::new(
+                    dwcp_status::Panic,
+                    "the stream's thread panicked (a bug)",
+                )),
+            };
+            self.sender = None;
+            self.ended = Some(r.map_err(|e| (e.status, e.message)));
+        }
+        match &self.ended {
+            Some(Ok(n)) => Ok(*n),
+            Some(Err((status, message))) => Err(Error::new(*status, message.clone())),
+            None => Err(Error::new(
                 dwcp_status::Busy,
                 "the stream has ended already",
-            ));
-        };
-        match t.join() {
-            Ok(r) => r.map_err(Error::from),
-            Err(_) => Err(Error::new(
-                dwcp_status::Panic,
-                "the stream's thread panicked (a bug)",
             )),
+        }
+    }
+
+    /// The error of a call on a stream that ended: its failure, or BUSY
+    /// after a clean end.
+    fn after_end(&mut self) -> Error {
+        match self.join() {
+            Ok(_) => Error::new(dwcp_status::Busy, "the stream has ended already"),
+            Err(e) => e,
         }
     }
 }
@@ -642,7 +664,8 @@ pub unsafe extern "C" fn dwcp_session_stream_open(
         let st = Box::new(dwcp_stream {
             tx: Some(tx),
             thread: Some(thread),
-            sender,
+            sender: Some(sender),
+            ended: None,
         });
         // SAFETY: checked non-NULL; valid for a write.
         unsafe { write(o, Box::into_raw(st)) };
@@ -669,10 +692,7 @@ pub unsafe extern "C" fn dwcp_stream_write(
         // SAFETY: per the caller's contract.
         let data = unsafe { ptr::bytes(data, len, "data") }?;
         let Some(tx) = &st.tx else {
-            return Err(Error::new(
-                dwcp_status::Busy,
-                "the stream has ended already",
-            ));
+            return Err(st.after_end());
         };
         if data.is_empty() {
             return Ok(());
@@ -704,10 +724,11 @@ pub unsafe extern "C" fn dwcp_stream_finish(
     call(|| {
         // SAFETY: NULL or a live stream used by this thread only.
         let st = unsafe { stream.as_mut() }.ok_or_else(|| Error::null("stream"))?;
-        if let Some(tx) = st.tx.take() {
-            // A failed send means the thread ended: `join` says why.
-            let _ = tx.send(Piece::End);
-        }
+        let Some(tx) = st.tx.take() else {
+            return Err(st.after_end());
+        };
+        // A failed send means the thread ended: `join` says why.
+        let _ = tx.send(Piece::End);
         let n = st.join()?;
         if !out_len.is_null() {
             // SAFETY: non-NULL and valid for a write (caller's contract).
@@ -734,7 +755,6 @@ pub unsafe extern "C" fn dwcp_stream_free(stream: *mut dwcp_stream) {
         // Dropping the channel without `End` fails the stream's read.
         st.tx = None;
         let _ = st.join();
-        let _ = &st.sender;
     })
 }
 
@@ -778,7 +798,7 @@ pub unsafe extern "C" fn dwcp_listen_options_default(
     })
 }
 
-fn listen_defaults() -> dwcp_listen_options {
+pub(crate) fn listen_defaults() -> dwcp_listen_options {
     dwcp_listen_options {
         key: std::ptr::null(),
         insecure_no_auth: false,
@@ -831,8 +851,9 @@ pub struct dwcp_listener {
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
-/// string; `opts` NULL or valid for a read (its `key` NULL or 32 bytes, its
-/// `dir` NULL or a NUL-terminated string); `out` valid for one write.
+/// string; `opts` NULL (the defaults, which carry no key) or valid for a
+/// read (its `key` NULL or 32 bytes, its `dir` NULL or a NUL-terminated
+/// string); `out` valid for one write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dwcp_listen(
     engine: *const dwcp_engine,
@@ -845,8 +866,10 @@ pub unsafe extern "C" fn dwcp_listen(
         let e = unsafe { handle(engine, "engine") }?;
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
-        // SAFETY: as above.
-        let opts = unsafe { handle(opts, "opts") }?;
+        // SAFETY: as above: NULL (the defaults) or valid for a read.
+        let opts = unsafe { opts.as_ref() }
+            .copied()
+            .unwrap_or_else(listen_defaults);
         let o = out(out_listener, "out")?;
         // SAFETY: `opts.key` per the caller's contract.
         let cfg = unsafe { opts.config() }?;
@@ -1054,8 +1077,9 @@ pub unsafe extern "C" fn dwcp_received_name(
 
 /// Writes the bytes of a received transfer: `*data` points at them (valid
 /// until the transfer is freed; do not free it yourself) and `*len` is
-/// their number. A listener with a directory keeps no bytes: `*data` is
-/// then NULL and `*len` the file's length.
+/// their number (NULL and 0 for an empty transfer). A listener with a
+/// directory keeps no bytes: `*data` is then NULL and `*len` the file's
+/// length.
 ///
 /// # Safety
 /// `received` must be NULL or a live received transfer; `data` and `len`
@@ -1071,7 +1095,11 @@ pub unsafe extern "C" fn dwcp_received_data(
         let r = unsafe { handle(received, "received") }?;
         let d = out(data, "data")?;
         let l = out(len, "len")?;
-        let p = r.data.as_ref().map_or(std::ptr::null(), |v| v.as_ptr());
+        let p = r
+            .data
+            .as_ref()
+            .filter(|v| !v.is_empty())
+            .map_or(std::ptr::null(), |v| v.as_ptr());
         // SAFETY: both checked non-NULL and valid for a write.
         unsafe {
             write(d, p);

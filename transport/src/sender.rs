@@ -1028,10 +1028,15 @@ async fn next_chunk(shared: &Shared, i: usize) -> Result<Option<Chunk>, ()> {
         if st.dead[i] {
             return Poll::Ready(Err(()));
         }
+        // A failed (or aborted) session sends nothing more; a closing one
+        // drains what is queued first.
+        if st.failed.is_some() {
+            return Poll::Ready(Ok(None));
+        }
         if let Some(c) = st.sched.next(i) {
             return Poll::Ready(Ok(Some(c)));
         }
-        if st.closing || st.failed.is_some() {
+        if st.closing {
             return Poll::Ready(Ok(None));
         }
         st.wakers[i] = Some(cx.waker().clone());
