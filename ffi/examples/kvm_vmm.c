@@ -60,14 +60,17 @@
 
 static void vmm_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static bool vmm_quiet; /* the self-test's expected failures */
+/* Says what went wrong: on stderr, and to libdwcp, which quotes it in the
+ * migration's error when a callback fails (outside a callback the library
+ * ignores it). */
 static void vmm_err(const char *fmt, ...) {
-  if (vmm_quiet) return;
+  char msg[512];
   va_list ap;
   va_start(ap, fmt);
-  fputs("kvm_vmm: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
+  vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
+  dwcp_callback_error(msg);
+  if (!vmm_quiet) fprintf(stderr, "kvm_vmm: %s\n", msg);
 }
 
 static double now_s(void) {
@@ -946,8 +949,8 @@ static int guest_load_state(struct guest *g, const uint8_t *blob, size_t len) {
 /* ======================================================================
  * The dwcp callbacks: `user` is the struct guest. Source callbacks run on
  * the thread in dwcp_migration_migrate_to, destination ones on a library
- * thread; each returns 0 or -1 (having said why on stderr, as the library
- * only quotes the number).
+ * thread; each returns 0 or -1 (having said why with vmm_err, which hands
+ * the reason to dwcp_callback_error).
  * ====================================================================== */
 
 static int cb_start_dirty_log(void *user) { return guest_set_dirty_log(user, true); }
