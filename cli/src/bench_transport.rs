@@ -638,6 +638,7 @@ pub fn recv_peer(o: &RecvPeer) -> Result<()> {
         ..ReceiverConfig::default()
     };
     let recv = Receiver::bind(&engine, resolve(&o.listen)?, cfg, sink.handle())?;
+    crate::transfer::log_connection_failures(&recv);
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening {}", recv.local_addr())?;
     out.flush()?;

@@ -320,6 +320,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         incoming.sink(),
     )
     .with_context(|| format!("listening on {addr}"))?;
+    crate::transfer::log_connection_failures(&recv);
     eprintln!(
         "destination: {} MiB guest waiting; listening on {}",
         o.ram >> 20,

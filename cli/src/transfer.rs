@@ -56,6 +56,20 @@ fn report(path: &Path, len: u64, r: Result<(), &str>) {
     }
 }
 
+/// Prints on standard error what the receiver refused or lost (a wrong
+/// key, a protocol error), which the library only reports as events.
+pub fn log_connection_failures(recv: &Receiver) {
+    recv.on_event(|e| match e {
+        dwcp_transport::Event::ConnectionFailed { peer, reason } => {
+            eprintln!("dwcp: connection from {peer}: {reason}");
+        }
+        dwcp_transport::Event::AcceptFailed { reason } => {
+            eprintln!("dwcp: accept failed: {reason}");
+        }
+        _ => {}
+    });
+}
+
 /// `dwcp serve`: receives into `dir` until killed.
 pub fn serve(listen: &str, dir: &Path, key: Option<Key>, workers: Option<usize>) -> Result<()> {
     let addr = resolve(listen)?;
@@ -73,6 +87,7 @@ pub fn serve(listen: &str, dir: &Path, key: Option<Key>, workers: Option<usize>)
     };
     let insecure = cfg.key.is_none();
     let recv = Receiver::bind(&engine, addr, cfg, Arc::new(sink))?;
+    log_connection_failures(&recv);
     eprintln!(
         "dwcp serve: listening on {} into {}{}",
         recv.local_addr(),

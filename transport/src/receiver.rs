@@ -235,7 +235,9 @@ async fn accept_loop(
             Err(_) => continue,
             Ok(Err(e)) => {
                 // EMFILE and friends: wait and go on rather than stop serving.
-                eprintln!("dwcp: accept failed: {e}");
+                shared.events.emit([Event::AcceptFailed {
+                    reason: e.to_string(),
+                }]);
                 let _ = dwcp_engine::sleep(ACCEPT_POLL).await;
             }
             Ok(Ok((stream, peer))) => {
@@ -243,8 +245,12 @@ async fn accept_loop(
                 // A failed spawn means the engine is stopping; the
                 // connection is dropped (closed).
                 let _ = spawn_local(async move {
+                    let events = s.events.clone();
                     if let Err(e) = handle_conn(s, stream, peer).await {
-                        eprintln!("dwcp: connection from {peer}: {e}");
+                        events.emit([Event::ConnectionFailed {
+                            peer,
+                            reason: e.to_string(),
+                        }]);
                     }
                 });
             }

@@ -311,6 +311,22 @@ pub enum Event {
     },
     /// The sender got the session back after its control stream failed.
     Resumed,
+    /// A connection was refused or failed before or while it served a
+    /// session (receiver): a wrong key, a protocol error, a peer gone.
+    /// The library never prints; a program that wants these logged
+    /// prints them from here.
+    ConnectionFailed {
+        /// Who connected.
+        peer: std::net::SocketAddr,
+        /// Why it ended.
+        reason: String,
+    },
+    /// Accepting a connection failed (out of descriptors, say); the
+    /// receiver waits a little and goes on listening.
+    AcceptFailed {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An event callback.

@@ -118,6 +118,14 @@ fn wrong_or_missing_key_is_refused_with_a_reason() {
     bounded(Duration::from_secs(30), || {
         let (rx_engine, tx_engine) = (engine(), engine());
         let (recv, sink) = receiver(&rx_engine, Some(Key::generate().unwrap()));
+        // The receiver tells its owner (it never prints).
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = failures.clone();
+        recv.on_event(move |e| {
+            if let dwcp_transport::Event::ConnectionFailed { reason, .. } = e {
+                seen.lock().unwrap().push(reason.clone());
+            }
+        });
         let addr = recv.local_addr();
         let e = Sender::connect(
             &tx_engine,
@@ -127,6 +135,15 @@ fn wrong_or_missing_key_is_refused_with_a_reason() {
         .err()
         .expect("a wrong key must fail");
         assert!(e.to_string().contains("wrong key"), "{e}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while failures.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            failures.lock().unwrap().iter().any(|r| r.contains("key")),
+            "no ConnectionFailed event: {:?}",
+            failures.lock().unwrap()
+        );
         let e = Sender::connect(&tx_engine, addr, sender_cfg(None, 2))
             .err()
             .expect("no key must fail");
