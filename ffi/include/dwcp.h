@@ -427,6 +427,14 @@ typedef struct {
   uint8_t memory_digest[32];
 } dwcp_incoming_report;
 
+// A log callback: hears what went wrong or changed in a session or
+// listener that no call returns (a connection refused for a wrong key, a
+// stream that failed and was replaced, a session resumed), as one line of
+// NUL-terminated text valid during the call. Runs on library threads, one
+// call at a time; must return quickly without calling into the session or
+// listener. The library itself never writes to stdout or stderr.
+typedef void (*dwcp_log_fn)(void *user, const char *message);
+
 // How far a transfer is, as a progress callback hears it.
 typedef struct {
   // The transfer (its region id in the session).
@@ -710,6 +718,26 @@ const char *dwcp_status_name(uint32_t status);
 // # Safety
 // `out` must be valid for one write.
 dwcp_status dwcp_connect_options_default(dwcp_connect_options *out_opts);
+
+// Sets the callback that hears `session`'s log lines (failed and
+// replaced streams, resumes, failed transfers; NULL `cb` for none);
+// `user` is passed back to it.
+//
+// # Safety
+// `session` must be NULL or a live session; `cb` and `user` must stay
+// valid until replaced or the session is freed, and be callable from any
+// thread.
+dwcp_status dwcp_session_set_log(const dwcp_session *session, dwcp_log_fn cb, void *user);
+
+// Sets the callback that hears `listener`'s log lines (refused or failed
+// connections, failed accepts, failed transfers; NULL `cb` for none);
+// `user` is passed back to it.
+//
+// # Safety
+// `listener` must be NULL or a live listener; `cb` and `user` must stay
+// valid until replaced or the listener is freed, and be callable from any
+// thread.
+dwcp_status dwcp_listener_set_log(const dwcp_listener *listener, dwcp_log_fn cb, void *user);
 
 // Opens a session to the listener at `addr` (`host:port`) and writes its
 // handle into `*out`; free it with [`dwcp_session_free`].

@@ -193,18 +193,64 @@ struct ProgressFn {
     user: User,
 }
 
-/// Where a session's or listener's events go: the callback the caller set
+/// A log callback: hears what went wrong or changed in a session or
+/// listener that no call returns (a connection refused for a wrong key, a
+/// stream that failed and was replaced, a session resumed), as one line of
+/// NUL-terminated text valid during the call. Runs on library threads, one
+/// call at a time; must return quickly without calling into the session or
+/// listener. The library itself never writes to stdout or stderr.
+pub type dwcp_log_fn = Option<unsafe extern "C" fn(user: *mut c_void, message: *const c_char)>;
+
+#[derive(Clone, Copy)]
+struct LogFn {
+    f: unsafe extern "C" fn(*mut c_void, *const c_char),
+    user: User,
+}
+
+/// Where a session's or listener's events go: the callbacks the caller set
 /// last.
-type ProgressSlot = Arc<Mutex<Option<ProgressFn>>>;
+#[derive(Default)]
+struct Callbacks {
+    progress: Option<ProgressFn>,
+    log: Option<LogFn>,
+}
+
+type ProgressSlot = Arc<Mutex<Callbacks>>;
+
+/// The line a log callback hears for `e`, if any.
+fn log_line(e: &Event) -> Option<String> {
+    match e {
+        Event::ConnectionFailed { peer, reason } => {
+            Some(format!("connection from {peer}: {reason}"))
+        }
+        Event::AcceptFailed { reason } => Some(format!("accept failed: {reason}")),
+        Event::StreamFailed { stream, reason } => Some(format!(
+            "stream {stream} failed (its data goes out on the others): {reason}"
+        )),
+        Event::Resumed => Some("the session resumed after its connections failed".into()),
+        Event::RegionDone {
+            region,
+            error: Some(why),
+            ..
+        } => Some(format!("transfer {region} failed: {why}")),
+        _ => None,
+    }
+}
 
 fn progress_events(slot: &ProgressSlot) -> impl Fn(&Event) + Send + Sync + 'static {
     let slot = slot.clone();
     move |e| {
-        if let Event::Progress {
-            region, done, len, ..
-        } = e
+        let cbs = {
+            let c = lock(&slot);
+            (c.progress, c.log)
+        };
+        if let (
+            Event::Progress {
+                region, done, len, ..
+            },
+            (Some(p), _),
+        ) = (e, cbs)
         {
-            let Some(p) = *lock(&slot) else { return };
             let report = dwcp_progress {
                 region: *region,
                 done: *done,
@@ -214,14 +260,71 @@ fn progress_events(slot: &ProgressSlot) -> impl Fn(&Event) + Send + Sync + 'stat
             // `report` lives for the call.
             unsafe { (p.f)(p.user.0, &report) };
         }
+        if let (Some(l), Some(line)) = (cbs.1, log_line(e)) {
+            let c = std::ffi::CString::new(line.replace('\0', " ")).unwrap_or_default();
+            // SAFETY: a callback the caller registered with its context;
+            // `c` lives for the call.
+            unsafe { (l.f)(l.user.0, c.as_ptr()) };
+        }
     }
 }
 
 fn set_progress(slot: &ProgressSlot, cb: dwcp_progress_fn, user: *mut c_void) {
-    *lock(slot) = cb.map(|f| ProgressFn {
+    lock(slot).progress = cb.map(|f| ProgressFn {
         f,
         user: User(user),
     });
+}
+
+fn set_log(slot: &ProgressSlot, cb: dwcp_log_fn, user: *mut c_void) {
+    lock(slot).log = cb.map(|f| LogFn {
+        f,
+        user: User(user),
+    });
+}
+
+/// Sets the callback that hears `session`'s log lines (failed and
+/// replaced streams, resumes, failed transfers; NULL `cb` for none);
+/// `user` is passed back to it.
+///
+/// # Safety
+/// `session` must be NULL or a live session; `cb` and `user` must stay
+/// valid until replaced or the session is freed, and be callable from any
+/// thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dwcp_session_set_log(
+    session: *const dwcp_session,
+    cb: dwcp_log_fn,
+    user: *mut c_void,
+) -> dwcp_status {
+    call(|| {
+        // SAFETY: NULL or a live session (caller's contract).
+        let s = unsafe { handle(session, "session") }?;
+        set_log(&s.progress, cb, user);
+        Ok(())
+    })
+}
+
+/// Sets the callback that hears `listener`'s log lines (refused or failed
+/// connections, failed accepts, failed transfers; NULL `cb` for none);
+/// `user` is passed back to it.
+///
+/// # Safety
+/// `listener` must be NULL or a live listener; `cb` and `user` must stay
+/// valid until replaced or the listener is freed, and be callable from any
+/// thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dwcp_listener_set_log(
+    listener: *const dwcp_listener,
+    cb: dwcp_log_fn,
+    user: *mut c_void,
+) -> dwcp_status {
+    call(|| {
+        // SAFETY: NULL or a live listener (caller's contract).
+        let l = unsafe { handle(listener, "listener") }?;
+        set_log(&l.progress, cb, user);
+        Ok(())
+    })
 }
 
 /// Figures of a session or listener.

@@ -875,6 +875,58 @@ static void received_null_args(dwcp_listener *l, dwcp_session *s) {
     dwcp_received_free(NULL);
 }
 
+/* What a log callback heard. */
+typedef struct {
+    pthread_mutex_t lock;
+    char text[4096];
+    unsigned lines;
+} log_lines;
+
+static void on_log(void *user, const char *message) {
+    log_lines *l = user;
+    pthread_mutex_lock(&l->lock);
+    size_t used = strlen(l->text);
+    snprintf(l->text + used, sizeof l->text - used, "%s\n", message);
+    l->lines++;
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* Log callbacks: a listener hears the connection it refused (the library
+ * never prints it); NULL handles and NULL callbacks. */
+static void test_log_callbacks(void) {
+    char addr[64];
+    dwcp_listener *l = listen_on(g_key, NULL, addr, sizeof addr);
+    static log_lines heard = {PTHREAD_MUTEX_INITIALIZER, {0}, 0};
+    CHECK_OK(dwcp_listener_set_log(l, on_log, &heard));
+    CHECK_ST(DWCP_STATUS_NULL_ARGUMENT, dwcp_listener_set_log(NULL, on_log, &heard));
+    dwcp_connect_options o;
+    connect_opts(&o, g_key2);
+    dwcp_session *s = NULL;
+    CHECK_ST(DWCP_STATUS_AUTH, dwcp_connect(g_tx, addr, &o, &s));
+    bool found = false;
+    for (int i = 0; i < 200 && !found; i++) {
+        pthread_mutex_lock(&heard.lock);
+        found = strstr(heard.text, "key") != NULL;
+        pthread_mutex_unlock(&heard.lock);
+        if (!found) sleep_ms(10);
+    }
+    CHECKF(found, "the listener's log heard: \"%s\"", heard.text);
+    s = connect_to(addr, g_key);
+    static log_lines session_heard = {PTHREAD_MUTEX_INITIALIZER, {0}, 0};
+    CHECK_OK(dwcp_session_set_log(s, on_log, &session_heard));
+    CHECK_ST(DWCP_STATUS_NULL_ARGUMENT, dwcp_session_set_log(NULL, on_log, &session_heard));
+    uint8_t b[100] = {0};
+    CHECK_OK(dwcp_session_send_buffer(s, "log/quiet", b, sizeof b));
+    CHECKF(session_heard.lines == 0, "a clean transfer logged: %s", session_heard.text);
+    CHECK_OK(dwcp_session_set_log(s, NULL, NULL));
+    CHECK_OK(dwcp_listener_set_log(l, NULL, NULL));
+    dwcp_received *r = NULL;
+    CHECK_OK(dwcp_listener_next(l, 5000, &r));
+    dwcp_received_free(r);
+    dwcp_session_free(s);
+    dwcp_listener_free(l);
+}
+
 static void test_transfers(void) {
     char addr[64];
     dwcp_listener *l = listen_on(g_key, NULL, addr, sizeof addr);
@@ -2750,6 +2802,7 @@ int main(int argc, char **argv) {
     run("options defaults", test_options_defaults);
     run("listen errors", test_listen_errors);
     run("transfers", test_transfers);
+    run("log callbacks", test_log_callbacks);
     run("concurrent sends", test_concurrent_sends);
     run("memory limit", test_memory_limit);
     run("close and untaken", test_close_null_and_untaken);
