@@ -272,6 +272,7 @@ impl dwcp_migration_options {
             controller,
             policy: policy(self.mode, self.link_rate, "migration options")?,
             shards: self.shards as usize,
+            codec_state: None,
             cancel: CancelToken::new(),
         })
     }
