@@ -381,10 +381,12 @@ impl ShardTx {
                     data: &self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
                 })
                 .collect();
-            let stats = self.enc.encode_pages(&refs, &mut self.frame)?;
+            // Into a buffer sized (and zeroed) once: `encode_pages` would
+            // zero a whole frame's worth for every frame.
+            let stats = self.enc.encode_pages_into(&refs, &mut self.frame)?;
             sent.pages += stats.pages;
             sent.zero += stats.zero;
-            bytes.extend_from_slice(&self.frame);
+            bytes.extend_from_slice(&self.frame[..stats.frame_bytes as usize]);
         }
         let seq = self.seq;
         self.seq += 1;
@@ -426,7 +428,7 @@ impl<'a> Pump<'a> {
                     seq: 0,
                     in_flight: VecDeque::new(),
                     staging: vec![0; FRAME_PAGES * PAGE_SIZE],
-                    frame: Vec::new(),
+                    frame: vec![0; dwcp_codec::max_page_frame_len(FRAME_PAGES, PAGE_SIZE)],
                 })
             })
             .collect::<Result<Vec<_>, MigrationError>>()?;
