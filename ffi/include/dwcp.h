@@ -97,7 +97,7 @@
 #define DWCP_MODE_NONE 3
 
 // What a call did. `DWCP_STATUS_OK` is 0; every other value is an error
-// whose message [`dwcp_last_error`] copies out. Values are grouped by area
+// whose message `dwcp_last_error()` copies out. Values are grouped by area
 // (1xx the call itself, 2xx the system, 3xx sessions, 4xx migration) and
 // never reused; a value this header does not name may appear in a later
 // release, so treat unknown values as errors.
@@ -182,9 +182,9 @@ typedef struct dwcp_engine dwcp_engine;
 typedef struct dwcp_listener dwcp_listener;
 
 // A migration, source or destination. Thread-safe: while one thread runs
-// [`dwcp_migration_migrate_to`] or [`dwcp_migration_wait_incoming`],
-// others may call [`dwcp_migration_cancel`]. The regions given at
-// creation must stay mapped until [`dwcp_migration_free`] returns.
+// `dwcp_migration_migrate_to()` or `dwcp_migration_wait_incoming()`,
+// others may call `dwcp_migration_cancel()`. The regions given at
+// creation must stay mapped until `dwcp_migration_free()` returns.
 typedef struct dwcp_migration dwcp_migration;
 
 // What a listener was given, finished and verified.
@@ -192,14 +192,14 @@ typedef struct dwcp_received dwcp_received;
 
 // An outgoing session: sends buffers, files and streams of buffers to one
 // listener. Thread-safe: transfers may run from several threads at once,
-// and [`dwcp_session_cancel`] may be called from any thread.
+// and `dwcp_session_cancel()` may be called from any thread.
 typedef struct dwcp_session dwcp_session;
 
 // A stream of buffers on its way: bytes of unknown total length,
 // delivered in order as one transfer. Use from one thread at a time.
 typedef struct dwcp_stream dwcp_stream;
 
-// Options of an engine. Initialise with [`dwcp_engine_options_default`],
+// Options of an engine. Initialise with `dwcp_engine_options_default()`,
 // then change what you need.
 typedef struct {
   // Worker threads, one io_uring each; 0 for one per CPU this process
@@ -249,7 +249,7 @@ typedef struct {
 typedef void (*dwcp_round_fn)(void *user, const dwcp_round_report *round);
 
 // Options of a migration. Initialise with
-// [`dwcp_migration_options_default`], then change what you need.
+// `dwcp_migration_options_default()`, then change what you need.
 typedef struct {
   // Longest acceptable downtime the controller plans for, ms (50).
   uint32_t downtime_limit_ms;
@@ -296,11 +296,11 @@ typedef struct {
 // Every callback gets the `user` pointer given with the table and returns
 // 0 on success; any other value is a failure, which cancels the migration
 // (the value is quoted in the error message, with the reason the callback
-// gave [`dwcp_callback_error`], if it did). A source uses
+// gave `dwcp_callback_error()`, if it did). A source uses
 // `start_dirty_log`, `read_and_clear_dirty`, `stop_dirty_log`, `pause`,
 // `resume`, `save_device_state` (all required) and `throttle` (optional:
 // NULL disables throttling); they are called from the thread that called
-// [`dwcp_migration_migrate_to`], one at a time. A destination uses
+// `dwcp_migration_migrate_to()`, one at a time. A destination uses
 // `load_device_state` and `resume` (required), called from a library
 // thread, one at a time; the others may be NULL there.
 typedef struct {
@@ -343,9 +343,9 @@ typedef struct {
 } dwcp_hv_callbacks;
 
 // Options of an outgoing session. Initialise with
-// [`dwcp_connect_options_default`], then change what you need.
+// `dwcp_connect_options_default()`, then change what you need.
 typedef struct {
-  // The pre-shared key (32 bytes, see [`dwcp_key_load`]), read during
+  // The pre-shared key (32 bytes, see `dwcp_key_load()`), read during
   // the call; NULL only together with `insecure_no_auth`.
   const uint8_t *key;
   // Run without authentication (the peer must allow it too).
@@ -393,7 +393,7 @@ typedef struct {
   double predicted_downtime_ms;
 } dwcp_migration_report;
 
-// Options of a listener. Initialise with [`dwcp_listen_options_default`],
+// Options of a listener. Initialise with `dwcp_listen_options_default()`,
 // then change what you need.
 typedef struct {
   // The pre-shared key (32 bytes), read during the call; NULL only
@@ -401,7 +401,7 @@ typedef struct {
   const uint8_t *key;
   // Accept only sessions without authentication.
   bool insecure_no_auth;
-  // NULL: keep what arrives in memory, for [`dwcp_listener_next`].
+  // NULL: keep what arrives in memory, for `dwcp_listener_next()`.
   // Otherwise an existing directory to write transfers into, by name
   // (each file is written under a temporary name and renamed once its
   // digest matches; names that would leave the directory are refused).
@@ -422,7 +422,7 @@ typedef struct {
   uint64_t batches;
   // From the source's last message to the guest running, ms.
   double finish_ms;
-  // [`dwcp_memory_digest`] of the memory as the migration left it, for
+  // `dwcp_memory_digest()` of the memory as the migration left it, for
   // comparing with the source's.
   uint8_t memory_digest[32];
 } dwcp_incoming_report;
@@ -500,7 +500,7 @@ dwcp_status dwcp_capabilities(uint64_t *out_caps);
 dwcp_status dwcp_engine_options_default(dwcp_engine_options *out_opts);
 
 // Starts an engine with `opts` (NULL for the defaults) and writes its
-// handle into `*out`; free it with [`dwcp_engine_free`].
+// handle into `*out`; free it with `dwcp_engine_free()`.
 //
 // # Safety
 // `opts` must be NULL or valid for a read; `out` valid for one write.
@@ -562,11 +562,11 @@ dwcp_status dwcp_callback_error(const char *message);
 // Makes the source side of a migration of the guest whose memory is
 // `regions` (`n_regions` of them), driven through `cbs` with context
 // `user`, and writes its handle into `*out`. Nothing is called yet; run
-// it with [`dwcp_migration_migrate_to`].
+// it with `dwcp_migration_migrate_to()`.
 //
 // # Safety
 // `engine` must be NULL or a live engine; `regions` NULL or valid for
-// `n_regions` reads, each mapped as [`dwcp_region`] says until the handle
+// `n_regions` reads, each mapped as `dwcp_region` says until the handle
 // is freed; `cbs` NULL or valid for a read; `user` whatever the callbacks
 // expect; `opts` NULL (the defaults) or valid for a read; `out` valid for
 // one write.
@@ -609,10 +609,10 @@ dwcp_status dwcp_migration_migrate_to(dwcp_migration *m,
 // only the pages that are not zero at the source),
 // driven through `cbs` (`load_device_state` and `resume`) with context
 // `user`, and writes its handle into `*out`. Then
-// [`dwcp_migration_listen`] and [`dwcp_migration_wait_incoming`].
+// `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.
 //
 // # Safety
-// As for [`dwcp_migration_source_new`].
+// As for `dwcp_migration_source_new()`.
 dwcp_status dwcp_migration_dest_new(const dwcp_engine *engine,
                                     const dwcp_region *regions,
                                     size_t n_regions,
@@ -622,7 +622,7 @@ dwcp_status dwcp_migration_dest_new(const dwcp_engine *engine,
                                     dwcp_migration **out_migration);
 
 // Starts listening for the source at `addr` (`host:port`; port 0 picks a
-// free one, see [`dwcp_migration_local_addr`]) with `opts` (NULL `dir`;
+// free one, see `dwcp_migration_local_addr()`) with `opts` (NULL `dir`;
 // `memory_limit` unused: see `max_buffered`). Once.
 //
 // # Safety
@@ -657,7 +657,7 @@ dwcp_status dwcp_migration_wait_incoming(dwcp_migration *m,
                                          dwcp_incoming_report *out_report);
 
 // Cancels a migration from any thread. Source: the running
-// [`dwcp_migration_migrate_to`] returns `DWCP_STATUS_CANCELLED` within
+// `dwcp_migration_migrate_to()` returns `DWCP_STATUS_CANCELLED` within
 // about one batch's transfer time, the guest running on, unless the guest
 // was already handed over (then it completes). Destination: unless the
 // guest is being started, the migration is discarded.
@@ -693,7 +693,7 @@ void dwcp_migration_free(dwcp_migration *m);
 // The message describes the last call made on this thread that failed;
 // any later call on this thread replaces it (this one does not).
 // Returns `DWCP_STATUS_BUFFER_TOO_SMALL`, writing nothing, when `len` is
-// not more than the message's length (see [`dwcp_last_error_len`]).
+// not more than the message's length (see `dwcp_last_error_len()`).
 //
 // # Safety
 // `buf` must be valid for `len` bytes of writes; `written` for one write.
@@ -740,7 +740,7 @@ dwcp_status dwcp_session_set_log(const dwcp_session *session, dwcp_log_fn cb, vo
 dwcp_status dwcp_listener_set_log(const dwcp_listener *listener, dwcp_log_fn cb, void *user);
 
 // Opens a session to the listener at `addr` (`host:port`) and writes its
-// handle into `*out`; free it with [`dwcp_session_free`].
+// handle into `*out`; free it with `dwcp_session_free()`.
 //
 // # Safety
 // `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
@@ -818,8 +818,8 @@ dwcp_status dwcp_session_close(dwcp_session *session, dwcp_metrics *out_metrics)
 void dwcp_session_free(dwcp_session *session);
 
 // Opens a stream of buffers named `name` on `session` and writes its
-// handle into `*out`. Write with [`dwcp_stream_write`], end with
-// [`dwcp_stream_finish`], free with [`dwcp_stream_free`].
+// handle into `*out`. Write with `dwcp_stream_write()`, end with
+// `dwcp_stream_finish()`, free with `dwcp_stream_free()`.
 //
 // # Safety
 // `session` must be NULL or a live session; `name` NULL or a
@@ -860,8 +860,8 @@ void dwcp_stream_free(dwcp_stream *stream);
 dwcp_status dwcp_listen_options_default(dwcp_listen_options *out_opts);
 
 // Listens on `addr` (`host:port`; port 0 picks a free one, see
-// [`dwcp_listener_local_addr`]) and writes the listener's handle into
-// `*out`; free it with [`dwcp_listener_free`].
+// `dwcp_listener_local_addr()`) and writes the listener's handle into
+// `*out`; free it with `dwcp_listener_free()`.
 //
 // # Safety
 // `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
@@ -896,7 +896,7 @@ dwcp_status dwcp_listener_set_progress(const dwcp_listener *listener,
                                        void *user);
 
 // Waits up to `timeout_ms` for the next finished, verified transfer and
-// writes it into `*out` (free it with [`dwcp_received_free`]);
+// writes it into `*out` (free it with `dwcp_received_free()`);
 // `DWCP_STATUS_TIMEOUT` when none came.
 //
 // # Safety

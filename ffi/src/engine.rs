@@ -66,7 +66,7 @@ pub unsafe extern "C" fn dwcp_capabilities(out_caps: *mut u64) -> dwcp_status {
     })
 }
 
-/// Options of an engine. Initialise with [`dwcp_engine_options_default`],
+/// Options of an engine. Initialise with `dwcp_engine_options_default()`,
 /// then change what you need.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -114,7 +114,7 @@ pub struct dwcp_engine {
 const MAX_WORKERS: u32 = 1024;
 
 /// Starts an engine with `opts` (NULL for the defaults) and writes its
-/// handle into `*out`; free it with [`dwcp_engine_free`].
+/// handle into `*out`; free it with `dwcp_engine_free()`.
 ///
 /// # Safety
 /// `opts` must be NULL or valid for a read; `out` valid for one write.

@@ -3,14 +3,14 @@
 //! This crate builds `libdwcp.so` and `libdwcp.a`; `include/dwcp.h` is
 //! generated from it by cbindgen (`cbindgen.toml`) and committed. It
 //! translates and decides nothing: every call maps onto the engine
-//! ([`dwcp_engine`]), transport ([`dwcp_transport`]) and migration
-//! ([`dwcp_migration`]) crates.
+//! (`dwcp_engine`), transport (`dwcp_transport()`) and migration
+//! (`dwcp_migration`) crates.
 //!
 //! Conventions (STYLE.md §7), written again in the header:
-//! - every call returns a [`dwcp_status`]; results go through
+//! - every call returns a `dwcp_status`; results go through
 //!   out-parameters written only on success;
 //! - a failed call leaves a message for the calling thread, copied out by
-//!   [`dwcp_last_error`];
+//!   `dwcp_last_error()`;
 //! - handles are opaque and made by `_new` / `dwcp_connect` /
 //!   `dwcp_listen` calls, freed by their `_free` (NULL is fine);
 //! - every pointer is checked for NULL; strings must be UTF-8;

@@ -42,11 +42,11 @@ pub struct dwcp_region {
 /// Every callback gets the `user` pointer given with the table and returns
 /// 0 on success; any other value is a failure, which cancels the migration
 /// (the value is quoted in the error message, with the reason the callback
-/// gave [`dwcp_callback_error`], if it did). A source uses
+/// gave `dwcp_callback_error()`, if it did). A source uses
 /// `start_dirty_log`, `read_and_clear_dirty`, `stop_dirty_log`, `pause`,
 /// `resume`, `save_device_state` (all required) and `throttle` (optional:
 /// NULL disables throttling); they are called from the thread that called
-/// [`dwcp_migration_migrate_to`], one at a time. A destination uses
+/// `dwcp_migration_migrate_to()`, one at a time. A destination uses
 /// `load_device_state` and `resume` (required), called from a library
 /// thread, one at a time; the others may be NULL there.
 #[repr(C)]
@@ -176,7 +176,7 @@ pub type dwcp_round_fn =
     Option<unsafe extern "C" fn(user: *mut c_void, round: *const dwcp_round_report)>;
 
 /// Options of a migration. Initialise with
-/// [`dwcp_migration_options_default`], then change what you need.
+/// `dwcp_migration_options_default()`, then change what you need.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct dwcp_migration_options {
@@ -315,7 +315,7 @@ pub struct dwcp_incoming_report {
     pub batches: u64,
     /// From the source's last message to the guest running, ms.
     pub finish_ms: f64,
-    /// [`dwcp_memory_digest`] of the memory as the migration left it, for
+    /// `dwcp_memory_digest()` of the memory as the migration left it, for
     /// comparing with the source's.
     pub memory_digest: [u8; 32],
 }
@@ -335,7 +335,7 @@ impl From<IncomingReport> for dwcp_incoming_report {
 ///
 /// # Safety
 /// `regions` must be NULL or valid for `n` reads, each region's `host`
-/// valid as [`dwcp_region`] says.
+/// valid as `dwcp_region` says.
 unsafe fn guest_regions(regions: *const dwcp_region, n: usize) -> Result<Vec<GuestRegion>> {
     // SAFETY: the caller's contract.
     let rs = unsafe { ptr::array(regions, n, "regions") }?;
@@ -604,9 +604,9 @@ enum Side {
 }
 
 /// A migration, source or destination. Thread-safe: while one thread runs
-/// [`dwcp_migration_migrate_to`] or [`dwcp_migration_wait_incoming`],
-/// others may call [`dwcp_migration_cancel`]. The regions given at
-/// creation must stay mapped until [`dwcp_migration_free`] returns.
+/// `dwcp_migration_migrate_to()` or `dwcp_migration_wait_incoming()`,
+/// others may call `dwcp_migration_cancel()`. The regions given at
+/// creation must stay mapped until `dwcp_migration_free()` returns.
 pub struct dwcp_migration {
     engine: Arc<Engine>,
     opts: dwcp_migration_options,
@@ -646,7 +646,7 @@ fn zero_fill(regions: &[GuestRegion]) -> Result<()> {
 /// Checks the callbacks one side needs and builds the adapter.
 ///
 /// # Safety
-/// As for [`dwcp_migration_source_new`].
+/// As for `dwcp_migration_source_new()`.
 unsafe fn callbacks(
     regions: *const dwcp_region,
     n_regions: usize,
@@ -691,11 +691,11 @@ unsafe fn callbacks(
 /// Makes the source side of a migration of the guest whose memory is
 /// `regions` (`n_regions` of them), driven through `cbs` with context
 /// `user`, and writes its handle into `*out`. Nothing is called yet; run
-/// it with [`dwcp_migration_migrate_to`].
+/// it with `dwcp_migration_migrate_to()`.
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine; `regions` NULL or valid for
-/// `n_regions` reads, each mapped as [`dwcp_region`] says until the handle
+/// `n_regions` reads, each mapped as `dwcp_region` says until the handle
 /// is freed; `cbs` NULL or valid for a read; `user` whatever the callbacks
 /// expect; `opts` NULL (the defaults) or valid for a read; `out` valid for
 /// one write.
@@ -872,10 +872,10 @@ impl CancelCheck for MigrateConfig {
 /// only the pages that are not zero at the source),
 /// driven through `cbs` (`load_device_state` and `resume`) with context
 /// `user`, and writes its handle into `*out`. Then
-/// [`dwcp_migration_listen`] and [`dwcp_migration_wait_incoming`].
+/// `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.
 ///
 /// # Safety
-/// As for [`dwcp_migration_source_new`].
+/// As for `dwcp_migration_source_new()`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dwcp_migration_dest_new(
     engine: *const dwcp_engine,
@@ -915,7 +915,7 @@ pub unsafe extern "C" fn dwcp_migration_dest_new(
 }
 
 /// Starts listening for the source at `addr` (`host:port`; port 0 picks a
-/// free one, see [`dwcp_migration_local_addr`]) with `opts` (NULL `dir`;
+/// free one, see `dwcp_migration_local_addr()`) with `opts` (NULL `dir`;
 /// `memory_limit` unused: see `max_buffered`). Once.
 ///
 /// # Safety
@@ -1039,7 +1039,7 @@ pub unsafe extern "C" fn dwcp_migration_wait_incoming(
 }
 
 /// Cancels a migration from any thread. Source: the running
-/// [`dwcp_migration_migrate_to`] returns `DWCP_STATUS_CANCELLED` within
+/// `dwcp_migration_migrate_to()` returns `DWCP_STATUS_CANCELLED` within
 /// about one batch's transfer time, the guest running on, unless the guest
 /// was already handed over (then it completes). Destination: unless the
 /// guest is being started, the migration is discarded.

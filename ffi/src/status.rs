@@ -9,7 +9,7 @@ use ::dwcp_migration::precopy::MigrationError;
 use dwcp_transport::TransportError;
 
 /// What a call did. `DWCP_STATUS_OK` is 0; every other value is an error
-/// whose message [`dwcp_last_error`] copies out. Values are grouped by area
+/// whose message `dwcp_last_error()` copies out. Values are grouped by area
 /// (1xx the call itself, 2xx the system, 3xx sessions, 4xx migration) and
 /// never reused; a value this header does not name may appear in a later
 /// release, so treat unknown values as errors.
@@ -246,7 +246,7 @@ pub(crate) unsafe fn copy_str_out(
 /// The message describes the last call made on this thread that failed;
 /// any later call on this thread replaces it (this one does not).
 /// Returns `DWCP_STATUS_BUFFER_TOO_SMALL`, writing nothing, when `len` is
-/// not more than the message's length (see [`dwcp_last_error_len`]).
+/// not more than the message's length (see `dwcp_last_error_len()`).
 ///
 /// # Safety
 /// `buf` must be valid for `len` bytes of writes; `written` for one write.

@@ -70,11 +70,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Options of an outgoing session. Initialise with
-/// [`dwcp_connect_options_default`], then change what you need.
+/// `dwcp_connect_options_default()`, then change what you need.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct dwcp_connect_options {
-    /// The pre-shared key (32 bytes, see [`dwcp_key_load`]), read during
+    /// The pre-shared key (32 bytes, see `dwcp_key_load()`), read during
     /// the call; NULL only together with `insecure_no_auth`.
     pub key: *const u8,
     /// Run without authentication (the peer must allow it too).
@@ -369,7 +369,7 @@ impl From<MetricsSnapshot> for dwcp_metrics {
 
 /// An outgoing session: sends buffers, files and streams of buffers to one
 /// listener. Thread-safe: transfers may run from several threads at once,
-/// and [`dwcp_session_cancel`] may be called from any thread.
+/// and `dwcp_session_cancel()` may be called from any thread.
 pub struct dwcp_session {
     _engine: Arc<Engine>,
     /// Taken by `dwcp_session_close`; each transfer holds a clone while it
@@ -387,7 +387,7 @@ impl dwcp_session {
 }
 
 /// Opens a session to the listener at `addr` (`host:port`) and writes its
-/// handle into `*out`; free it with [`dwcp_session_free`].
+/// handle into `*out`; free it with `dwcp_session_free()`.
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
@@ -730,8 +730,8 @@ impl dwcp_stream {
 }
 
 /// Opens a stream of buffers named `name` on `session` and writes its
-/// handle into `*out`. Write with [`dwcp_stream_write`], end with
-/// [`dwcp_stream_finish`], free with [`dwcp_stream_free`].
+/// handle into `*out`. Write with `dwcp_stream_write()`, end with
+/// `dwcp_stream_finish()`, free with `dwcp_stream_free()`.
 ///
 /// # Safety
 /// `session` must be NULL or a live session; `name` NULL or a
@@ -861,7 +861,7 @@ pub unsafe extern "C" fn dwcp_stream_free(stream: *mut dwcp_stream) {
     })
 }
 
-/// Options of a listener. Initialise with [`dwcp_listen_options_default`],
+/// Options of a listener. Initialise with `dwcp_listen_options_default()`,
 /// then change what you need.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -871,7 +871,7 @@ pub struct dwcp_listen_options {
     pub key: *const u8,
     /// Accept only sessions without authentication.
     pub insecure_no_auth: bool,
-    /// NULL: keep what arrives in memory, for [`dwcp_listener_next`].
+    /// NULL: keep what arrives in memory, for `dwcp_listener_next()`.
     /// Otherwise an existing directory to write transfers into, by name
     /// (each file is written under a temporary name and renamed once its
     /// digest matches; names that would leave the directory are refused).
@@ -949,8 +949,8 @@ pub struct dwcp_listener {
 }
 
 /// Listens on `addr` (`host:port`; port 0 picks a free one, see
-/// [`dwcp_listener_local_addr`]) and writes the listener's handle into
-/// `*out`; free it with [`dwcp_listener_free`].
+/// `dwcp_listener_local_addr()`) and writes the listener's handle into
+/// `*out`; free it with `dwcp_listener_free()`.
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine; `addr` NULL or a NUL-terminated
@@ -1071,7 +1071,7 @@ pub unsafe extern "C" fn dwcp_listener_set_progress(
 }
 
 /// Waits up to `timeout_ms` for the next finished, verified transfer and
-/// writes it into `*out` (free it with [`dwcp_received_free`]);
+/// writes it into `*out` (free it with `dwcp_received_free()`);
 /// `DWCP_STATUS_TIMEOUT` when none came.
 ///
 /// # Safety
