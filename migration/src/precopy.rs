@@ -1474,6 +1474,45 @@ mod tests {
     use dwcp_transport::{ReceiverConfig, SenderConfig, StreamCount};
 
     #[test]
+    fn the_destination_bounds_the_codec_state_a_source_asks_for() {
+        let gib = 1u64 << 30;
+        let ok = CodecSettings {
+            shards: 2,
+            state_limit: 256 << 20,
+        };
+        assert_eq!(CodecSettings::decode(&ok.encode(), gib), Ok(ok));
+        let bad = |shards: u16, state: u64| {
+            let mut b = shards.to_le_bytes().to_vec();
+            b.extend_from_slice(&state.to_le_bytes());
+            CodecSettings::decode(&b, gib).unwrap_err()
+        };
+        assert!(bad(0, 1 << 20).contains("shards"));
+        assert!(bad(65, 1 << 20).contains("shards"));
+        assert!(bad(2, gib).contains("more than this guest"));
+        assert!(bad(64, u64::MAX).contains("more than this guest"));
+        // A small guest still gets 64 MiB per shard.
+        let small = CodecSettings {
+            shards: 4,
+            state_limit: 64 << 20,
+        };
+        assert_eq!(CodecSettings::decode(&small.encode(), 16 << 20), Ok(small));
+        assert!(CodecSettings::decode(&[1, 0, 0], gib).is_err());
+        assert!(CodecSettings::decode(&[], gib).is_err());
+        // What a source asks for by default always passes.
+        for (bytes, shards) in [(16u64 << 20, 1usize), (gib, 2), (64 * gib, 8), (gib, 64)] {
+            let s = CodecSettings {
+                shards: shards as u16,
+                state_limit: default_codec_state(bytes, shards) / shards,
+            };
+            assert_eq!(
+                CodecSettings::decode(&s.encode(), bytes),
+                Ok(s),
+                "{bytes} {shards}"
+            );
+        }
+    }
+
+    #[test]
     fn a_token_cancels_all_its_clones() {
         let t = CancelToken::new();
         let c = t.clone();
