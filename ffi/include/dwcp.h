@@ -270,6 +270,12 @@ typedef struct {
   // Destination: the most bytes of received page batches held before
   // they are applied.
   uint64_t max_buffered;
+  // Source: bytes of sent page versions the page codec keeps (at each
+  // end, over all shards) so that pages dirtied again go out as deltas;
+  // 0 for the default, half the guest's memory (at most 1 GiB, at least
+  // 64 MiB per shard). The destination refuses more than its guest's
+  // size. Memory is only used as pages are sent.
+  uint64_t codec_state;
   // The link's rate in bits per second, for `DWCP_MODE_AUTO`; 0 to let
   // the transport measure it.
   uint64_t link_rate;
@@ -543,7 +549,8 @@ dwcp_status dwcp_key_generate(const char *path, uint8_t *out_key);
 
 // Writes the default migration options into `*out`: 50 ms downtime, no
 // deadline, 30 rounds, throttling allowed, `DWCP_MODE_DATACENTER`, 2
-// shards, 1 MiB of device state, 1 GiB buffered, no round callback.
+// shards, 1 MiB of device state, 1 GiB buffered, the default codec state,
+// no round callback.
 //
 // # Safety
 // `out` must be valid for one write.

@@ -199,6 +199,12 @@ pub struct dwcp_migration_options {
     /// Destination: the most bytes of received page batches held before
     /// they are applied.
     pub max_buffered: u64,
+    /// Source: bytes of sent page versions the page codec keeps (at each
+    /// end, over all shards) so that pages dirtied again go out as deltas;
+    /// 0 for the default, half the guest's memory (at most 1 GiB, at least
+    /// 64 MiB per shard). The destination refuses more than its guest's
+    /// size. Memory is only used as pages are sent.
+    pub codec_state: u64,
     /// The link's rate in bits per second, for `DWCP_MODE_AUTO`; 0 to let
     /// the transport measure it.
     pub link_rate: u64,
@@ -210,7 +216,8 @@ pub struct dwcp_migration_options {
 
 /// Writes the default migration options into `*out`: 50 ms downtime, no
 /// deadline, 30 rounds, throttling allowed, `DWCP_MODE_DATACENTER`, 2
-/// shards, 1 MiB of device state, 1 GiB buffered, no round callback.
+/// shards, 1 MiB of device state, 1 GiB buffered, the default codec state,
+/// no round callback.
 ///
 /// # Safety
 /// `out` must be valid for one write.
@@ -236,6 +243,7 @@ fn migration_defaults() -> dwcp_migration_options {
         shards: 2,
         max_device_state: 1 << 20,
         max_buffered: 1 << 30,
+        codec_state: 0,
         link_rate: 0,
         on_round: None,
         on_round_user: std::ptr::null_mut(),
@@ -272,7 +280,8 @@ impl dwcp_migration_options {
             controller,
             policy: policy(self.mode, self.link_rate, "migration options")?,
             shards: self.shards as usize,
-            codec_state: None,
+            codec_state: (self.codec_state > 0)
+                .then(|| usize::try_from(self.codec_state).unwrap_or(usize::MAX)),
             cancel: CancelToken::new(),
         })
     }
