@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,10 +43,7 @@ pub fn keygen(path: &Path) -> Result<()> {
 
 /// Resolves `ADDR` (`host:port`).
 pub fn resolve(addr: &str) -> Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .with_context(|| format!("resolving {addr:?} (expected host:port)"))?
-        .next()
-        .with_context(|| format!("{addr:?} resolves to no address"))
+    Ok(dwcp_transport::resolve(addr)?)
 }
 
 fn report(path: &Path, len: u64, r: Result<(), &str>) {

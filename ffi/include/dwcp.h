@@ -612,8 +612,8 @@ dwcp_status dwcp_migration_migrate_to(dwcp_migration *m,
 
 // Makes the destination side of a migration into the guest whose memory
 // is `regions` (which must match the source's in number, base and length;
-// they are zeroed here where not zero already, as the migration writes
-// only the pages that are not zero at the source),
+// pages not zero are zeroed before the first batch is applied, as the
+// migration writes only the pages that are not zero at the source),
 // driven through `cbs` (`load_device_state` and `resume`) with context
 // `user`, and writes its handle into `*out`. Then
 // `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.

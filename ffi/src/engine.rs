@@ -78,6 +78,12 @@ pub struct dwcp_engine_options {
     pub pin: bool,
 }
 
+/// One worker per CPU, pinned.
+const ENGINE_DEFAULTS: dwcp_engine_options = dwcp_engine_options {
+    workers: 0,
+    pin: true,
+};
+
 /// Writes the default engine options into `*out`.
 ///
 /// # Safety
@@ -89,15 +95,7 @@ pub unsafe extern "C" fn dwcp_engine_options_default(
     call(|| {
         let o = out(out_opts, "out")?;
         // SAFETY: checked non-NULL; valid for a write (caller's contract).
-        unsafe {
-            write(
-                o,
-                dwcp_engine_options {
-                    workers: 0,
-                    pin: true,
-                },
-            )
-        };
+        unsafe { write(o, ENGINE_DEFAULTS) };
         Ok(())
     })
 }
@@ -126,12 +124,7 @@ pub unsafe extern "C" fn dwcp_engine_new(
     call(|| {
         let o = out(out_engine, "out")?;
         // SAFETY: NULL or valid for a read (caller's contract).
-        let opts = unsafe { opts.as_ref() }
-            .copied()
-            .unwrap_or(dwcp_engine_options {
-                workers: 0,
-                pin: true,
-            });
+        let opts = unsafe { ptr::or_default(opts, || ENGINE_DEFAULTS) };
         if opts.workers > MAX_WORKERS {
             return Err(Error::invalid(format!(
                 "engine options: workers {} is more than {MAX_WORKERS}",

@@ -624,34 +624,6 @@ pub struct dwcp_migration {
     side: Side,
 }
 
-/// Zeroes every page of `regions` that is not zero already.
-///
-/// The migration sends zero pages as tags and writes only pages that were
-/// written earlier in it, so a destination must start from zeroed memory.
-/// Reading a fresh anonymous mapping only maps the zero page (huge zero
-/// pages with THP), so this costs little there and allocates nothing.
-fn zero_fill(regions: &[GuestRegion]) -> Result<()> {
-    const STEP: usize = 64 * PAGE_SIZE;
-    let mut buf = vec![0u8; STEP];
-    let zero = [0u8; PAGE_SIZE];
-    for r in regions {
-        let mut at = 0;
-        while at < r.len() {
-            let n = STEP.min(r.len() - at);
-            r.read(at, &mut buf[..n])
-                .map_err(|e| Error::invalid(e.to_string()))?;
-            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
-                if page.iter().any(|&b| b != 0) {
-                    r.write(at + i * PAGE_SIZE, &zero[..page.len()])
-                        .map_err(|e| Error::invalid(e.to_string()))?;
-                }
-            }
-            at += n;
-        }
-    }
-    Ok(())
-}
-
 /// Checks the callbacks one side needs and builds the adapter.
 ///
 /// # Safety
@@ -667,9 +639,7 @@ unsafe fn callbacks(
     // SAFETY: per the caller's contract.
     let cbs = *unsafe { handle(cbs, "callbacks") }?;
     // SAFETY: per the caller's contract: NULL (the defaults) or valid.
-    let opts = unsafe { opts.as_ref() }
-        .copied()
-        .unwrap_or_else(migration_defaults);
+    let opts = unsafe { ptr::or_default(opts, migration_defaults) };
     // SAFETY: per the caller's contract.
     let regions = unsafe { guest_regions(regions, n_regions) }?;
     let have = |name: &str| match name {
@@ -784,9 +754,7 @@ pub unsafe extern "C" fn dwcp_migration_migrate_to(
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
         // SAFETY: as above: NULL (the defaults, which carry no key) or
         // valid for a read.
-        let conn = unsafe { conn.as_ref() }
-            .copied()
-            .unwrap_or_else(dwcp_connect_options::defaults);
+        let conn = unsafe { ptr::or_default(conn, dwcp_connect_options::defaults) };
         let o = out(out_report, "out")?;
         let Side::Source(src) = &mig.side else {
             return Err(Error::invalid("this migration is a destination"));
@@ -877,8 +845,8 @@ impl CancelCheck for MigrateConfig {
 
 /// Makes the destination side of a migration into the guest whose memory
 /// is `regions` (which must match the source's in number, base and length;
-/// they are zeroed here where not zero already, as the migration writes
-/// only the pages that are not zero at the source),
+/// pages not zero are zeroed before the first batch is applied, as the
+/// migration writes only the pages that are not zero at the source),
 /// driven through `cbs` (`load_device_state` and `resume`) with context
 /// `user`, and writes its handle into `*out`. Then
 /// `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.
@@ -903,7 +871,6 @@ pub unsafe extern "C" fn dwcp_migration_dest_new(
         // SAFETY: per the caller's contract.
         let (cb, opts) = unsafe { callbacks(regions, n_regions, cbs, user, opts, &needed) }?;
         let config = opts.config(false)?;
-        zero_fill(&cb.regions)?;
         let fault = cb.fault.clone();
         let incoming = Incoming::new(Box::new(cb), opts.max_buffered);
         let m = Box::new(dwcp_migration {
@@ -943,9 +910,7 @@ pub unsafe extern "C" fn dwcp_migration_listen(
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
         // SAFETY: as above: NULL (the defaults, which carry no key) or
         // valid for a read.
-        let opts = unsafe { opts.as_ref() }
-            .copied()
-            .unwrap_or_else(crate::transfer::listen_defaults);
+        let opts = unsafe { ptr::or_default(opts, crate::transfer::listen_defaults) };
         let Side::Dest(dst) = &mig.side else {
             return Err(Error::invalid("this migration is a source"));
         };

@@ -46,6 +46,15 @@ pub(crate) unsafe fn opt_string<'a>(p: *const c_char, what: &str) -> Result<Opti
     }
 }
 
+/// An options struct from C, or `default()` when `p` is NULL.
+///
+/// # Safety
+/// `p` must be NULL or valid for one read of `T`.
+pub(crate) unsafe fn or_default<T: Copy>(p: *const T, default: impl FnOnce() -> T) -> T {
+    // SAFETY: NULL or valid for a read (caller's contract).
+    unsafe { p.as_ref() }.copied().unwrap_or_else(default)
+}
+
 /// `len` bytes at `p`; NULL is allowed when `len` is 0.
 ///
 /// # Safety

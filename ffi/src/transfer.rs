@@ -3,7 +3,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::io::Read;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::{Receiver as ChanRx, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,10 +59,7 @@ pub(crate) fn policy(mode: u32, link_bits: u64, what: &str) -> Result<Policy> {
 
 /// Resolves `host:port`.
 pub(crate) fn resolve(addr: &str) -> Result<SocketAddr> {
-    addr.to_socket_addrs()
-        .map_err(|e| Error::invalid(format!("address {addr:?}: {e} (expected host:port)")))?
-        .next()
-        .ok_or_else(|| Error::invalid(format!("address {addr:?} resolves to no address")))
+    Ok(dwcp_transport::resolve(addr)?)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,12 +207,12 @@ struct LogFn {
 /// Where a session's or listener's events go: the callbacks the caller set
 /// last.
 #[derive(Default)]
-struct Callbacks {
+struct EventCallbacks {
     progress: Option<ProgressFn>,
     log: Option<LogFn>,
 }
 
-type ProgressSlot = Arc<Mutex<Callbacks>>;
+type CallbackSlot = Arc<Mutex<EventCallbacks>>;
 
 /// The line a log callback hears for `e`, if any.
 fn log_line(e: &Event) -> Option<String> {
@@ -237,7 +234,7 @@ fn log_line(e: &Event) -> Option<String> {
     }
 }
 
-fn progress_events(slot: &ProgressSlot) -> impl Fn(&Event) + Send + Sync + 'static {
+fn event_callbacks(slot: &CallbackSlot) -> impl Fn(&Event) + Send + Sync + 'static {
     let slot = slot.clone();
     move |e| {
         let cbs = {
@@ -269,14 +266,14 @@ fn progress_events(slot: &ProgressSlot) -> impl Fn(&Event) + Send + Sync + 'stat
     }
 }
 
-fn set_progress(slot: &ProgressSlot, cb: dwcp_progress_fn, user: *mut c_void) {
+fn set_progress(slot: &CallbackSlot, cb: dwcp_progress_fn, user: *mut c_void) {
     lock(slot).progress = cb.map(|f| ProgressFn {
         f,
         user: User(user),
     });
 }
 
-fn set_log(slot: &ProgressSlot, cb: dwcp_log_fn, user: *mut c_void) {
+fn set_log(slot: &CallbackSlot, cb: dwcp_log_fn, user: *mut c_void) {
     lock(slot).log = cb.map(|f| LogFn {
         f,
         user: User(user),
@@ -300,7 +297,7 @@ pub unsafe extern "C" fn dwcp_session_set_log(
     call(|| {
         // SAFETY: NULL or a live session (caller's contract).
         let s = unsafe { handle(session, "session") }?;
-        set_log(&s.progress, cb, user);
+        set_log(&s.callbacks, cb, user);
         Ok(())
     })
 }
@@ -322,7 +319,7 @@ pub unsafe extern "C" fn dwcp_listener_set_log(
     call(|| {
         // SAFETY: NULL or a live listener (caller's contract).
         let l = unsafe { handle(listener, "listener") }?;
-        set_log(&l.progress, cb, user);
+        set_log(&l.callbacks, cb, user);
         Ok(())
     })
 }
@@ -375,7 +372,7 @@ pub struct dwcp_session {
     /// Taken by `dwcp_session_close`; each transfer holds a clone while it
     /// runs.
     sender: Mutex<Option<Arc<Sender>>>,
-    progress: ProgressSlot,
+    callbacks: CallbackSlot,
 }
 
 impl dwcp_session {
@@ -406,19 +403,17 @@ pub unsafe extern "C" fn dwcp_connect(
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
         // SAFETY: as above: NULL (the defaults) or valid for a read.
-        let opts = unsafe { opts.as_ref() }
-            .copied()
-            .unwrap_or_else(dwcp_connect_options::defaults);
+        let opts = unsafe { ptr::or_default(opts, dwcp_connect_options::defaults) };
         let o = out(out_session, "out")?;
         // SAFETY: `opts.key` per the caller's contract.
         let cfg = unsafe { opts.config() }?;
         let sender = Sender::connect(&e.engine, addr, cfg)?;
-        let progress: ProgressSlot = Arc::default();
-        sender.on_event(progress_events(&progress));
+        let callbacks: CallbackSlot = Arc::default();
+        sender.on_event(event_callbacks(&callbacks));
         let s = Box::new(dwcp_session {
             _engine: e.engine.clone(),
             sender: Mutex::new(Some(Arc::new(sender))),
-            progress,
+            callbacks,
         });
         // SAFETY: checked non-NULL; valid for a write.
         unsafe { write(o, Box::into_raw(s)) };
@@ -442,7 +437,7 @@ pub unsafe extern "C" fn dwcp_session_set_progress(
     call(|| {
         // SAFETY: NULL or a live session (caller's contract).
         let s = unsafe { handle(session, "session") }?;
-        set_progress(&s.progress, cb, user);
+        set_progress(&s.callbacks, cb, user);
         Ok(())
     })
 }
@@ -945,7 +940,7 @@ pub struct dwcp_listener {
     receiver: Mutex<Option<Receiver>>,
     addr: SocketAddr,
     inbox: Inbox,
-    progress: ProgressSlot,
+    callbacks: CallbackSlot,
 }
 
 /// Listens on `addr` (`host:port`; port 0 picks a free one, see
@@ -970,9 +965,7 @@ pub unsafe extern "C" fn dwcp_listen(
         // SAFETY: as above.
         let addr = resolve(unsafe { ptr::string(addr, "addr") }?)?;
         // SAFETY: as above: NULL (the defaults) or valid for a read.
-        let opts = unsafe { opts.as_ref() }
-            .copied()
-            .unwrap_or_else(listen_defaults);
+        let opts = unsafe { ptr::or_default(opts, listen_defaults) };
         let o = out(out_listener, "out")?;
         // SAFETY: `opts.key` per the caller's contract.
         let cfg = unsafe { opts.config() }?;
@@ -1013,14 +1006,14 @@ pub unsafe extern "C" fn dwcp_listen(
             }
         };
         let receiver = Receiver::bind(&e.engine, addr, cfg, sink)?;
-        let progress: ProgressSlot = Arc::default();
-        receiver.on_event(progress_events(&progress));
+        let callbacks: CallbackSlot = Arc::default();
+        receiver.on_event(event_callbacks(&callbacks));
         let l = Box::new(dwcp_listener {
             _engine: e.engine.clone(),
             addr: receiver.local_addr(),
             receiver: Mutex::new(Some(receiver)),
             inbox,
-            progress,
+            callbacks,
         });
         // SAFETY: checked non-NULL; valid for a write.
         unsafe { write(o, Box::into_raw(l)) };
@@ -1065,7 +1058,7 @@ pub unsafe extern "C" fn dwcp_listener_set_progress(
     call(|| {
         // SAFETY: NULL or a live listener (caller's contract).
         let l = unsafe { handle(listener, "listener") }?;
-        set_progress(&l.progress, cb, user);
+        set_progress(&l.callbacks, cb, user);
         Ok(())
     })
 }

@@ -260,6 +260,8 @@ pub trait SourceHypervisor: Send {
 pub trait DestHypervisor: Send {
     /// The guest's memory regions; must match the source's in count, base
     /// and length, or the migration is refused before any page moves.
+    /// Whatever they hold is replaced: pages that are not zero are zeroed
+    /// first, then the source's pages are written.
     fn regions(&self) -> Vec<GuestRegion>;
 
     /// Loads the device state saved by the source; a malformed blob is an

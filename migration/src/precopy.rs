@@ -1250,6 +1250,32 @@ impl RegionWriter for EndWriter {
     }
 }
 
+/// Zeroes every page of `regions` that is not zero already.
+///
+/// Zero pages travel as tags and are written only over a page this
+/// migration wrote before, so the destination's memory must start zero.
+/// Reading a fresh anonymous mapping only maps the zero page (huge zero
+/// pages with THP), so this costs little there and allocates nothing.
+fn zero_fill(regions: &[GuestRegion]) -> Result<(), HvError> {
+    const STEP: usize = 64 * PAGE_SIZE;
+    let mut buf = vec![0u8; STEP];
+    let zero = [0u8; PAGE_SIZE];
+    for r in regions {
+        let mut at = 0;
+        while at < r.len() {
+            let n = STEP.min(r.len() - at);
+            r.read(at, &mut buf[..n])?;
+            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    r.write(at + i * PAGE_SIZE, &zero[..page.len()])?;
+                }
+            }
+            at += n;
+        }
+    }
+    Ok(())
+}
+
 /// Applies batches in per-shard order as they are verified; at `End`,
 /// loads the device state and starts the guest.
 fn apply_loop(
@@ -1258,6 +1284,7 @@ fn apply_loop(
     corrupt: Option<u64>,
 ) -> Result<(IncomingReport, Vec<[u8; PAGE_HASH]>), String> {
     let regions = hv.regions();
+    zero_fill(&regions).map_err(|e| e.to_string())?;
     let total: usize = regions.iter().map(GuestRegion::pages).sum();
     let mut written = vec![0u64; bitmap_words(total)];
     let zero_hash = page_hash(&[0u8; PAGE_SIZE]);

@@ -25,6 +25,15 @@ pub mod treehash;
 pub mod wire;
 
 pub use auth::Key;
+
+/// Resolves `host:port` to its first address; the error names the input.
+pub fn resolve(addr: &str) -> Result<std::net::SocketAddr, TransportError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| TransportError::Config(format!("address {addr:?}: {e} (expected host:port)")))?
+        .next()
+        .ok_or_else(|| TransportError::Config(format!("address {addr:?} resolves to no address")))
+}
 pub use error::{TransportError, WireError};
 pub use memory::{MemorySink, ReceivedRegion};
 pub use receiver::Receiver;
