@@ -1379,6 +1379,9 @@ static int run_destination(const struct opts *o, const uint8_t *key) {
   if (dwcp_failed(dwcp_engine_new(NULL, &engine), "starting the engine")) goto out;
   dwcp_migration_options mo;
   if (dwcp_failed(dwcp_migration_options_default(&mo), "migration options")) goto out;
+  /* Fresh anonymous memory that nothing wrote yet: libdwcp need not read it
+   * all to zero what is not zero. */
+  mo.dest_memory_zero = true;
   dwcp_region region = {.gpa = 0, .host = g.ram, .len = g.layout.ram};
   if (dwcp_failed(dwcp_migration_dest_new(engine, &region, 1, &dest_callbacks, &g, &mo, &m),
                   "creating the migration"))

@@ -270,6 +270,11 @@ typedef struct {
   // Destination: the most bytes of received page batches held before
   // they are applied.
   uint64_t max_buffered;
+  // Destination: the regions are known to be all zero (a fresh
+  // anonymous mapping nothing wrote), so `dwcp_migration_dest_new()`
+  // need not read them all to zero what is not. Set it only when true:
+  // stale bytes would stay where the source has zero pages.
+  bool dest_memory_zero;
   // Source: bytes of sent page versions the page codec keeps (at each
   // end, over all shards) so that pages dirtied again go out as deltas;
   // 0 for the default, half the guest's memory (at most 1 GiB, at least
@@ -612,8 +617,9 @@ dwcp_status dwcp_migration_migrate_to(dwcp_migration *m,
 
 // Makes the destination side of a migration into the guest whose memory
 // is `regions` (which must match the source's in number, base and length;
-// pages not zero are zeroed before the first batch is applied, as the
-// migration writes only the pages that are not zero at the source),
+// pages not zero are zeroed here unless the `dest_memory_zero` option
+// says they all are, as the migration writes only the pages that are not
+// zero at the source),
 // driven through `cbs` (`load_device_state` and `resume`) with context
 // `user`, and writes its handle into `*out`. Then
 // `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.

@@ -199,6 +199,11 @@ pub struct dwcp_migration_options {
     /// Destination: the most bytes of received page batches held before
     /// they are applied.
     pub max_buffered: u64,
+    /// Destination: the regions are known to be all zero (a fresh
+    /// anonymous mapping nothing wrote), so `dwcp_migration_dest_new()`
+    /// need not read them all to zero what is not. Set it only when true:
+    /// stale bytes would stay where the source has zero pages.
+    pub dest_memory_zero: bool,
     /// Source: bytes of sent page versions the page codec keeps (at each
     /// end, over all shards) so that pages dirtied again go out as deltas;
     /// 0 for the default, half the guest's memory (at most 1 GiB, at least
@@ -243,6 +248,7 @@ fn migration_defaults() -> dwcp_migration_options {
         shards: 2,
         max_device_state: 1 << 20,
         max_buffered: 1 << 30,
+        dest_memory_zero: false,
         codec_state: 0,
         link_rate: 0,
         on_round: None,
@@ -437,6 +443,8 @@ struct Callbacks {
     user: User,
     regions: Vec<GuestRegion>,
     max_state: usize,
+    /// `dest_memory_zero`.
+    memory_is_zero: bool,
     fault: Fault,
 }
 
@@ -575,6 +583,10 @@ impl DestHypervisor for Callbacks {
         self.regions.clone()
     }
 
+    fn memory_is_zero(&self) -> bool {
+        self.memory_is_zero
+    }
+
     fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
         const WHAT: &str = "load_device_state";
         let f = self
@@ -661,6 +673,7 @@ unsafe fn callbacks(
             user: User(user),
             regions,
             max_state: opts.max_device_state as usize,
+            memory_is_zero: opts.dest_memory_zero,
             fault: Fault::default(),
         },
         opts,
@@ -845,8 +858,9 @@ impl CancelCheck for MigrateConfig {
 
 /// Makes the destination side of a migration into the guest whose memory
 /// is `regions` (which must match the source's in number, base and length;
-/// pages not zero are zeroed before the first batch is applied, as the
-/// migration writes only the pages that are not zero at the source),
+/// pages not zero are zeroed here unless the `dest_memory_zero` option
+/// says they all are, as the migration writes only the pages that are not
+/// zero at the source),
 /// driven through `cbs` (`load_device_state` and `resume`) with context
 /// `user`, and writes its handle into `*out`. Then
 /// `dwcp_migration_listen()` and `dwcp_migration_wait_incoming()`.

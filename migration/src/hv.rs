@@ -261,8 +261,18 @@ pub trait DestHypervisor: Send {
     /// The guest's memory regions; must match the source's in count, base
     /// and length, or the migration is refused before any page moves.
     /// Whatever they hold is replaced: pages that are not zero are zeroed
-    /// first, then the source's pages are written.
+    /// first (unless [`DestHypervisor::memory_is_zero`]), then the
+    /// source's pages are written.
     fn regions(&self) -> Vec<GuestRegion>;
+
+    /// Whether every byte of [`DestHypervisor::regions`] is known to be
+    /// zero (fresh anonymous memory nobody wrote), so that the migration
+    /// need not read it all to zero what is not. `false` (the default)
+    /// is always safe; `true` for memory that is not zero leaves stale
+    /// bytes where the source has zero pages.
+    fn memory_is_zero(&self) -> bool {
+        false
+    }
 
     /// Loads the device state saved by the source; a malformed blob is an
     /// error, never a crash.
@@ -277,6 +287,10 @@ pub trait DestHypervisor: Send {
 impl<G: DestHypervisor> DestHypervisor for Arc<Mutex<G>> {
     fn regions(&self) -> Vec<GuestRegion> {
         locked(self).regions()
+    }
+
+    fn memory_is_zero(&self) -> bool {
+        locked(self).memory_is_zero()
     }
 
     fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {

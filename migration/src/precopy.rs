@@ -937,7 +937,9 @@ pub fn memory_digest(regions: &[GuestRegion]) -> Result<[u8; 32], HvError> {
 
 impl Incoming {
     /// Starts receiving into `hv`'s memory; at most `limit` bytes of
-    /// batches are held before they are applied.
+    /// batches are held before they are applied. Unless `hv` says its
+    /// memory is zero ([`DestHypervisor::memory_is_zero`]), every page is
+    /// read here and the ones that are not zero are zeroed.
     pub fn new(hv: Box<dyn DestHypervisor>, limit: u64) -> Self {
         Self::with_fault(hv, limit, None)
     }
@@ -951,6 +953,13 @@ impl Incoming {
             state: Mutex::new(DestState::default()),
             cond: Condvar::new(),
         });
+        // Here, before anything arrives: on the applier thread, this read
+        // of every page slowed round 0 by a tenth (measured at 30 MiB/s).
+        if !hv.memory_is_zero()
+            && let Err(e) = zero_fill(&hv.regions())
+        {
+            lock(&shared.state).outcome = Some(Err(format!("zeroing guest memory: {e}")));
+        }
         let s = shared.clone();
         let applier = std::thread::Builder::new()
             .name("dwcp-apply".into())
@@ -1284,7 +1293,6 @@ fn apply_loop(
     corrupt: Option<u64>,
 ) -> Result<(IncomingReport, Vec<[u8; PAGE_HASH]>), String> {
     let regions = hv.regions();
-    zero_fill(&regions).map_err(|e| e.to_string())?;
     let total: usize = regions.iter().map(GuestRegion::pages).sum();
     let mut written = vec![0u64; bitmap_words(total)];
     let zero_hash = page_hash(&[0u8; PAGE_SIZE]);

@@ -538,6 +538,12 @@ impl DestHypervisor for KvmGuest {
         KvmGuest::regions(self)
     }
 
+    /// A destination's RAM is a fresh anonymous mapping that only a
+    /// migration writes, until its vCPU first runs.
+    fn memory_is_zero(&self) -> bool {
+        !self.ready && !self.started && self.classes.is_empty()
+    }
+
     fn load_device_state(&mut self, blob: &[u8]) -> HvResult<()> {
         self.load_state(blob)
     }
