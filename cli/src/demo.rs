@@ -77,6 +77,8 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             }
             let src = KvmGuest::source(cfg.clone()).map_err(|e| anyhow!("{e}"))?;
             let dst = KvmGuest::destination(cfg).map_err(|e| anyhow!("{e}"))?;
+            // As `dwcp migrate --incoming` does by default.
+            dst.preallocate().map_err(|e| anyhow!("{e}"))?;
             demo(o, src, dst, "kvm")
         }
         Err(why) => {

@@ -218,8 +218,9 @@ struct MigrateArgs {
     /// Data streams: 1..=64, or auto.
     #[arg(long, default_value = "4", value_parser = transfer::parse_streams)]
     streams: dwcp_transport::StreamCount,
-    /// Page codec policy: datacenter (LZ4), internet (ZStd), auto, none.
-    #[arg(long, default_value = "datacenter")]
+    /// Page codec policy: datacenter (LZ4), internet (ZStd), auto (per
+    /// frame, from the link the transport measures; LZ4 until it has), none.
+    #[arg(long, default_value = "auto")]
     mode: String,
     /// Rate limit on the wire (300mbit, 1gbit; 0 for none).
     #[arg(long, default_value = "0", value_parser = transfer::parse_rate_limit)]
@@ -227,6 +228,10 @@ struct MigrateArgs {
     /// Destination: how long to run the guest after it arrives.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     run_after: Duration,
+    /// Destination: do not allocate all guest RAM before listening (pages
+    /// are then allocated as they arrive, with a page fault each).
+    #[arg(long)]
+    no_prealloc: bool,
     /// One JSON object at the end.
     #[arg(long)]
     json: bool,
@@ -290,7 +295,7 @@ struct MigrationBenchArgs {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     deadline: Duration,
     /// Page codec policy: datacenter, internet, auto, none.
-    #[arg(long, default_value = "datacenter")]
+    #[arg(long, default_value = "auto")]
     mode: String,
     /// Data streams: 1..=64, or auto.
     #[arg(long, default_value = "4")]
@@ -623,6 +628,7 @@ fn main() -> ExitCode {
                     mode: a.mode.clone(),
                     rate_limit_bps: a.rate_limit,
                     run_after: a.run_after,
+                    prealloc: !a.no_prealloc,
                     json: a.json,
                 })
             }),

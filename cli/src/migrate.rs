@@ -114,6 +114,9 @@ pub struct MigrateOptions {
     pub rate_limit_bps: u64,
     /// How long the destination runs the guest after it arrives.
     pub run_after: Duration,
+    /// Destination: allocate all guest RAM before listening
+    /// ([`KvmGuest::preallocate`]).
+    pub prealloc: bool,
     /// Machine output.
     pub json: bool,
 }
@@ -143,6 +146,8 @@ fn page_policy(mode: &str, rate_bps: u64) -> Result<Policy> {
         "none" => Policy::Stored,
         "datacenter" => Policy::Datacenter,
         "internet" => Policy::internet(),
+        // A migration replaces this link figure with its share of what
+        // the transport measures, and uses LZ4 until it has measured.
         "auto" => Policy::Auto {
             link_bytes_per_sec: if rate_bps > 0 {
                 rate_bps as f64 / 8.0
@@ -304,9 +309,21 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
 
 fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<()> {
     let addr = resolve(listen)?;
-    let dst = Arc::new(Mutex::new(
-        KvmGuest::destination(guest).map_err(|e| anyhow!("{e}"))?,
-    ));
+    let dst = KvmGuest::destination(guest).map_err(|e| anyhow!("{e}"))?;
+    if o.prealloc {
+        match dst.preallocate().map_err(|e| anyhow!("{e}"))? {
+            Some(t) if !o.json => eprintln!(
+                "destination: allocated {} MiB of guest RAM in {:.0} ms",
+                o.ram >> 20,
+                t.as_secs_f64() * 1e3
+            ),
+            Some(_) => {}
+            None => eprintln!(
+                "destination: this kernel cannot allocate memory in advance (MADV_POPULATE_WRITE); pages are allocated as they arrive"
+            ),
+        }
+    }
+    let dst = Arc::new(Mutex::new(dst));
     let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
     let engine = Engine::builder().build().context("starting the engine")?;
     let recv = Receiver::bind(

@@ -180,6 +180,18 @@ impl KvmGuest {
         Self::create(&config)
     }
 
+    /// Allocates all of the guest's RAM now ([`GuestMemory::populate`]):
+    /// for a destination, before it accepts a migration, so that pages
+    /// arriving are written without page faults and a host short of
+    /// memory fails before the source sends anything. Returns how long it
+    /// took, or `None` where the kernel cannot populate memory in advance
+    /// (then pages are allocated as they arrive, as without this call).
+    /// The memory stays zero ([`DestHypervisor::memory_is_zero`]).
+    pub fn preallocate(&self) -> HvResult<Option<Duration>> {
+        let t0 = Instant::now();
+        Ok(self.memory.populate()?.then(|| t0.elapsed()))
+    }
+
     fn create(config: &GuestConfig) -> HvResult<Self> {
         let layout = GuestLayout::new(config.ram)?;
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
