@@ -55,6 +55,9 @@ pub struct GuestRegion {
     len: usize,
     /// What keeps the mapping alive, when the region holds it.
     owner: Option<Arc<dyn Send + Sync>>,
+    /// The mapping is private and anonymous: a page this process never
+    /// wrote (nor the guest, through KVM) reads as zero.
+    private_anonymous: bool,
 }
 
 impl fmt::Debug for GuestRegion {
@@ -64,6 +67,7 @@ impl fmt::Debug for GuestRegion {
             .field("host", &self.host)
             .field("len", &self.len)
             .field("owned", &self.owner.is_some())
+            .field("private_anonymous", &self.private_anonymous)
             .finish()
     }
 }
@@ -91,6 +95,7 @@ impl GuestRegion {
             host,
             len,
             owner: None,
+            private_anonymous: false,
         }
     }
 
@@ -113,7 +118,26 @@ impl GuestRegion {
             host,
             len,
             owner: Some(owner),
+            private_anonymous: false,
         }
+    }
+
+    /// Says that the mapping is private and anonymous (`MAP_PRIVATE |
+    /// MAP_ANONYMOUS`, not shared, not file-backed), so that a page with
+    /// no page-table entry in this process (never written, or dropped with
+    /// `MADV_DONTNEED`), and not swapped out, reads as zero. A migration
+    /// source then sends such pages as zero pages without reading them,
+    /// which skips a page fault per page (~0.9 us here) and the read.
+    /// Wrong for shared memory (a memfd the guest's memory is also mapped
+    /// from elsewhere): a page may be absent here and hold data.
+    pub fn with_private_anonymous_memory(mut self) -> Self {
+        self.private_anonymous = true;
+        self
+    }
+
+    /// Whether [`GuestRegion::with_private_anonymous_memory`] was said.
+    pub fn is_private_anonymous(&self) -> bool {
+        self.private_anonymous
     }
 
     /// Length in bytes.

@@ -100,6 +100,7 @@ impl GuestMemory {
         // which the region holds through `owner`. No Rust reference to the
         // mapping is ever formed.
         unsafe { GuestRegion::with_owner(0, self.host, self.len, self.clone()) }
+            .with_private_anonymous_memory()
     }
 
     /// Reads the `u64` at guest-physical `gpa` (8-aligned) with one load,

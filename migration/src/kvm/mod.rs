@@ -69,7 +69,7 @@
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 pub mod layout;
-mod memory;
+pub(crate) mod memory;
 pub mod program;
 pub mod state;
 mod vcpu;
