@@ -191,70 +191,11 @@ const SLOW_PROBE_FACTOR: u64 = 16;
 /// Weight of a new measurement in the running estimates.
 const EWMA: f64 = 0.25;
 
-/// Weight of a new measurement of the CPU share.
-const SHARE_EWMA: f64 = 0.1;
-/// Smallest CPU share assumed (a thread descheduled through a whole block
-/// says little about the next).
-const MIN_CPU_SHARE: f64 = 0.05;
-
-/// This thread's CPU time, where the platform has a per-thread clock.
-fn thread_cpu_time() -> Option<f64> {
-    #[cfg(unix)]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec for the call.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
-    }
-    #[cfg(not(unix))]
-    {
-        None
-    }
-}
-
-/// Times one compression: on the thread's CPU clock where there is one
-/// (a probe of a fraction of a millisecond that the scheduler interrupts
-/// would otherwise read as a compressor several times slower; measured
-/// on a 2-core host, one such probe moved `auto` from ZStd 1 to LZ4 for
-/// the rest of a migration), and on the wall clock.
-struct Stopwatch {
-    wall: Instant,
-    cpu: Option<f64>,
-}
-
-impl Stopwatch {
-    fn start() -> Stopwatch {
-        Stopwatch {
-            cpu: thread_cpu_time(),
-            wall: Instant::now(),
-        }
-    }
-
-    /// (CPU seconds, wall seconds); the CPU time is the wall time where
-    /// there is no thread clock.
-    fn stop(&self) -> (f64, f64) {
-        let wall = self.wall.elapsed().as_secs_f64();
-        let cpu = match (self.cpu, thread_cpu_time()) {
-            (Some(a), Some(b)) if b >= a => (b - a).min(wall),
-            _ => wall,
-        };
-        (cpu, wall)
-    }
-}
-
 /// Compression contexts of one encoder (or one core), reused for every
 /// block, plus the estimates of the `auto` policy.
 pub(crate) struct Compressors {
     zstd: Vec<(i32, zstd::bulk::Compressor<'static>)>,
-    /// Per method: speed per second of this thread's CPU time, and ratio.
     estimates: Vec<(Method, Option<Estimate>)>,
-    /// The share of the wall clock this thread runs while it compresses
-    /// whole blocks (EWMA): what turns CPU speeds into the speeds `auto`
-    /// weighs against the link, so that a contended core still counts.
-    cpu_share: f64,
     blocks: u64,
     probe_scratch: Vec<u8>,
 }
@@ -283,27 +224,14 @@ impl Compressors {
         Compressors {
             zstd: Vec::new(),
             estimates: AUTO_CANDIDATES.iter().map(|&m| (m, None)).collect(),
-            cpu_share: 1.0,
             blocks: 0,
             probe_scratch: Vec::new(),
         }
     }
 
-    /// The current estimates of the `auto` candidates (None until
-    /// measured): speed on this thread's share of its core, and ratio.
-    pub(crate) fn estimates(&self) -> Vec<(Method, Option<Estimate>)> {
-        self.estimates
-            .iter()
-            .map(|&(m, e)| (m, e.map(|e| self.effective(e))))
-            .collect()
-    }
-
-    /// `e` (speed per CPU second) at the thread's measured CPU share.
-    fn effective(&self, e: Estimate) -> Estimate {
-        Estimate {
-            bytes_per_sec: e.bytes_per_sec * self.cpu_share,
-            ratio: e.ratio,
-        }
+    /// The current estimates of the `auto` candidates (None until measured).
+    pub(crate) fn estimates(&self) -> &[(Method, Option<Estimate>)] {
+        &self.estimates
     }
 
     /// The expected ratio of `method` on raw pages, for deciding whether a
@@ -407,15 +335,10 @@ impl Compressors {
         };
         let track =
             matches!(policy, Policy::Auto { .. }) || self.estimates.iter().any(|e| e.0 == method);
-        let t0 = track.then(Stopwatch::start);
+        let t0 = track.then(Instant::now);
         let r = self.compress_with(method, src, dst)?;
         if let Some(t0) = t0 {
-            let (cpu, wall) = t0.stop();
-            self.record(method, src.len(), r.1, cpu);
-            if wall > 0.0 {
-                let share = (cpu / wall).clamp(MIN_CPU_SHARE, 1.0);
-                self.cpu_share += SHARE_EWMA * (share - self.cpu_share);
-            }
+            self.record(method, src.len(), r.1, t0.elapsed().as_secs_f64());
         }
         self.blocks += 1;
         Ok(r)
@@ -444,7 +367,7 @@ impl Compressors {
         let refresh = self.blocks.is_multiple_of(PROBE_EVERY * SLOW_PROBE_FACTOR);
         if due || self.estimates.iter().any(|e| e.1.is_none()) {
             let best_now = self
-                .estimates()
+                .estimates
                 .iter()
                 .filter_map(|e| e.1.map(|x| x.delivered(link)))
                 .fold(0.0, f64::max);
@@ -453,19 +376,18 @@ impl Compressors {
             scratch.resize(bound(sample.len()), 0);
             for i in 0..self.estimates.len() {
                 let (m, est) = self.estimates[i];
-                let hopeless =
-                    est.is_some_and(|e| e.bytes_per_sec * self.cpu_share < best_now / 2.0);
+                let hopeless = est.is_some_and(|e| e.bytes_per_sec < best_now / 2.0);
                 if est.is_some() && !(due && (!hopeless || refresh)) {
                     continue;
                 }
-                let t0 = Stopwatch::start();
+                let t0 = Instant::now();
                 let (_, n) = self.compress_with(m, sample, &mut scratch)?;
-                self.record(m, sample.len(), n, t0.stop().0);
+                self.record(m, sample.len(), n, t0.elapsed().as_secs_f64());
             }
             self.probe_scratch = scratch;
         }
         let known: Vec<(Method, Estimate)> = self
-            .estimates()
+            .estimates
             .iter()
             .filter_map(|e| e.1.map(|x| (e.0, x)))
             .collect();
@@ -608,37 +530,6 @@ mod tests {
             (Method::Lz4, est(0.8, 3.0)),
         ];
         assert_eq!(choose(1.0 * GBIT, &c), Method::Lz4);
-    }
-
-    #[test]
-    fn the_cpu_clock_counts_work_not_sleep() {
-        let sw = Stopwatch::start();
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let (cpu, wall) = sw.stop();
-        assert!(wall >= 0.03, "{wall}");
-        if thread_cpu_time().is_some() {
-            assert!(cpu < 0.02, "slept 30 ms, {cpu} s of CPU");
-        }
-        let sw = Stopwatch::start();
-        let mut x = 0u64;
-        while sw.wall.elapsed().as_secs_f64() < 0.02 {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-        }
-        let (cpu, wall) = sw.stop();
-        assert!(cpu <= wall && cpu > 0.0, "{cpu} {wall}");
-    }
-
-    #[test]
-    fn estimates_count_the_cpu_share_the_thread_gets() {
-        let mut c = Compressors::new();
-        c.record(Method::Lz4, 1_000_000, 500_000, 0.001);
-        let full = c.estimates().into_iter().find(|e| e.0 == Method::Lz4);
-        let full = full.and_then(|e| e.1).unwrap();
-        assert!((full.bytes_per_sec - 1e9).abs() < 1.0 && full.ratio == 2.0);
-        c.cpu_share = 0.5;
-        let half = c.estimates().into_iter().find(|e| e.0 == Method::Lz4);
-        let half = half.and_then(|e| e.1).unwrap();
-        assert!((half.bytes_per_sec - 0.5e9).abs() < 1.0 && half.ratio == 2.0);
     }
 
     #[test]
