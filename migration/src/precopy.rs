@@ -1608,6 +1608,8 @@ fn apply_loop(
                 &bytes,
                 corrupt,
             )?;
+            // The buffer goes back to the sink for a later batch.
+            shared.mem.recycle(bytes);
             report.batches += 1;
             next[s] += 1;
             {

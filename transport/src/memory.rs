@@ -28,6 +28,9 @@ pub struct ReceivedRegion {
     pub bytes: Option<Vec<u8>>,
 }
 
+/// Most buffers a sink keeps for reuse.
+pub const POOL_BUFFERS: usize = 32;
+
 /// Receives regions into memory, up to a limit.
 #[derive(Debug)]
 pub struct MemorySink {
@@ -40,8 +43,9 @@ struct Inner {
     keep: bool,
     state: Mutex<SinkState>,
     cond: Condvar,
-    /// Buffers of verified, discarded regions (and prefaulted ones), reused
-    /// by later regions of a discarding sink.
+    /// Buffers of verified, discarded regions (and prefaulted ones, and
+    /// ones given back with [`MemorySink::recycle`]), reused by later
+    /// regions: a fresh buffer costs a page fault per 4 KiB as it fills.
     pool: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -117,8 +121,21 @@ impl MemorySink {
         let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit in memory"))?;
         let mut buf = zeroed(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
         populate(&mut buf);
-        lock(&self.inner.pool).push(buf);
+        let mut pool = lock(&self.inner.pool);
+        if pool.len() < POOL_BUFFERS {
+            pool.push(buf);
+        }
         Ok(())
+    }
+
+    /// Gives back the bytes of a region taken with [`MemorySink::take`],
+    /// once used, for a later region to be received into (at most
+    /// [`POOL_BUFFERS`] are kept; the rest are freed).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = lock(&self.inner.pool);
+        if pool.len() < POOL_BUFFERS && !buf.is_empty() {
+            pool.push(buf);
+        }
     }
 
     /// Regions that failed their digest check or were aborted.
@@ -147,12 +164,11 @@ impl Sink for MemorySink {
         let len = usize::try_from(announced)
             .map_err(|_| format!("region of {announced} bytes does not fit in memory"))?;
         self.inner.reserve(announced)?;
-        // A discarding sink reuses a buffer that is large enough: every
-        // byte of it is written before the digest is checked, and the
-        // digest covers every byte, so nothing stale can pass.
-        let reused = if self.inner.keep {
-            None
-        } else {
+        // A buffer that is large enough is reused: every byte of the
+        // region is written before the digest is checked, and the digest
+        // covers every byte, so nothing stale can pass (and what is kept
+        // is cut to the region's length).
+        let reused = {
             let mut pool = lock(&self.inner.pool);
             let best = (0..pool.len())
                 .filter(|&i| pool[i].len() >= len)
@@ -316,14 +332,17 @@ impl MemRegion {
     }
 
     /// Gives back the reservation of a region that will not be kept, and
-    /// its buffer to the pool of a discarding sink.
+    /// its buffer to the pool.
     fn release(&self, buf: Buf, failed: bool) {
         let mut st = lock(&self.sink.state);
         st.reserved -= buf.len as u64;
         st.failed += u64::from(failed);
         drop(st);
-        if !self.sink.keep && !self.ordered {
-            lock(&self.sink.pool).push(buf.data);
+        if !self.ordered {
+            let mut pool = lock(&self.sink.pool);
+            if pool.len() < POOL_BUFFERS {
+                pool.push(buf.data);
+            }
         }
     }
 }
@@ -471,6 +490,29 @@ mod tests {
         assert!(sink.open(&info(3, 600)).is_err());
         assert!(sink.take(Duration::ZERO).is_some());
         assert!(sink.open(&info(3, 600)).is_ok());
+    }
+
+    #[test]
+    fn a_recycled_buffer_is_reused_and_what_is_kept_is_exactly_the_region() {
+        let sink = MemorySink::new(1 << 20);
+        sink.recycle(vec![7u8; 1000]);
+        let w = sink.open(&info(0, 300)).unwrap();
+        assert!(lock(&sink.inner.pool).is_empty(), "taken from the pool");
+        w.write_at(0, &[8; 300]).unwrap();
+        w.finish(300, blake3::hash(&[8; 300]).as_bytes()).unwrap();
+        let r = sink.take(Duration::ZERO).unwrap();
+        assert_eq!(r.bytes.as_deref(), Some(&[8u8; 300][..]), "cut to length");
+        // A stale byte left from the earlier use fails the digest.
+        sink.recycle(r.bytes.unwrap());
+        let w = sink.open(&info(1, 200)).unwrap();
+        w.write_at(0, &[9; 199]).unwrap();
+        assert!(w.finish(200, blake3::hash(&[9; 200]).as_bytes()).is_err());
+        assert_eq!(lock(&sink.inner.state).reserved, 0);
+        // The pool is bounded.
+        for _ in 0..POOL_BUFFERS + 5 {
+            sink.recycle(vec![0; 10]);
+        }
+        assert_eq!(lock(&sink.inner.pool).len(), POOL_BUFFERS);
     }
 
     #[test]
