@@ -1035,6 +1035,7 @@ struct opts {
   uint32_t mode;
   uint64_t rate_limit; /* bits/s */
   bool json;
+  bool no_prealloc;
   const char *migrate_to, *incoming;
   uint64_t seed;
   bool selftest;
@@ -1046,7 +1047,7 @@ static int usage(void) {
           "usage: kvm_vmm [--ram SIZE] [--dirty MIBPS] [--key FILE | --insecure-no-auth]\n"
           "               [--downtime MS] [--deadline MS] [--streams N|auto]\n"
           "               [--mode datacenter|internet|auto|none] [--rate-limit BITS_PER_SEC]\n"
-          "               [--warmup MS] [--run-after MS] [--seed N] [--json]\n"
+          "               [--warmup MS] [--run-after MS] [--seed N] [--json] [--no-prealloc]\n"
           "               (--migrate-to HOST:PORT | --incoming HOST:PORT)\n"
           "  SIZE: 64MiB, 1GiB, ...; MS: 50, 50ms, 2s; BITS_PER_SEC: 1000000, 300mbit, 1gbit\n");
   return 2;
@@ -1173,6 +1174,8 @@ static int parse_opts(int argc, char **argv, struct opts *o) {
         o->insecure = true;
       else if (!strcmp(a, "--json"))
         o->json = true;
+      else if (!strcmp(a, "--no-prealloc"))
+        o->no_prealloc = true;
       else if (!strcmp(a, "--selftest-local")) /* hidden: KVM part alone */
         o->selftest = true;
       else
@@ -1285,7 +1288,10 @@ static int run_source(const struct opts *o, const uint8_t *key) {
   mo.mode = o->mode; /* the page codec */
   mo.link_rate = o->rate_limit;
   mo.on_round = o->json ? NULL : on_round;
-  dwcp_region region = {.gpa = 0, .host = g.ram, .len = g.layout.ram};
+  dwcp_region region = {.gpa = 0,
+                        .host = g.ram,
+                        .len = g.layout.ram,
+                        .flags = DWCP_REGION_PRIVATE_ANONYMOUS};
   if (dwcp_failed(dwcp_migration_source_new(engine, &region, 1, &source_callbacks, &g, &mo, &m),
                   "creating the migration"))
     goto out;
@@ -1373,6 +1379,18 @@ static int run_destination(const struct opts *o, const uint8_t *key) {
   struct guest g;
   /* The dirty rate comes with the device state. */
   if (guest_create(&g, o->ram, 0) < 0) return 1;
+  /* Allocate all guest RAM before listening, as `dwcp migrate --incoming`
+   * does: pages then arrive without a page fault each, and a host short of
+   * memory fails here, before the source sends anything. Kernels before
+   * 5.14 lack MADV_POPULATE_WRITE (EINVAL): pages are then allocated as
+   * they arrive. */
+  if (!o->no_prealloc && madvise(g.ram, g.layout.ram, 23 /* MADV_POPULATE_WRITE */) != 0 &&
+      errno != EINVAL) {
+    vmm_err("allocating %" PRIu64 " bytes of guest RAM: %s", (uint64_t)g.layout.ram,
+            strerror(errno));
+    guest_destroy(&g);
+    return 1;
+  }
   int ret = 1;
   dwcp_engine *engine = NULL;
   dwcp_migration *m = NULL;
@@ -1382,7 +1400,10 @@ static int run_destination(const struct opts *o, const uint8_t *key) {
   /* Fresh anonymous memory that nothing wrote yet: libdwcp need not read it
    * all to zero what is not zero. */
   mo.dest_memory_zero = true;
-  dwcp_region region = {.gpa = 0, .host = g.ram, .len = g.layout.ram};
+  dwcp_region region = {.gpa = 0,
+                        .host = g.ram,
+                        .len = g.layout.ram,
+                        .flags = DWCP_REGION_PRIVATE_ANONYMOUS};
   if (dwcp_failed(dwcp_migration_dest_new(engine, &region, 1, &dest_callbacks, &g, &mo, &m),
                   "creating the migration"))
     goto out;

@@ -74,6 +74,17 @@
 // Length of a key in bytes.
 #define DWCP_KEY_LEN 32
 
+// `dwcp_region::flags`: the range is private anonymous memory
+// (`mmap(MAP_PRIVATE | MAP_ANONYMOUS)`, or `malloc`), neither shared nor
+// file-backed, so that a page with no page-table entry in this process
+// (never written by the VMM nor by the guest through KVM, or dropped
+// with `MADV_DONTNEED`) and not swapped out reads as zero. A source then
+// sends such pages as zero pages without reading them (Linux
+// `/proc/self/pagemap`), which saves a page fault per untouched page.
+// Wrong for memory that is also mapped elsewhere (a memfd, shared
+// memory): do not set it there.
+#define DWCP_REGION_PRIVATE_ANONYMOUS 1
+
 // The controller's decision after a round.
 #define DWCP_DECISION_CONTINUE 0
 
@@ -300,6 +311,8 @@ typedef struct {
   // Length in bytes: a multiple of 4096, not 0. Dirty bitmaps count its
   // 4 KiB pages.
   uint64_t len;
+  // `DWCP_REGION_*` flags, or 0. Unknown bits are refused.
+  uint32_t flags;
 } dwcp_region;
 
 // The hypervisor side of a migration: what the library asks of the VMM.

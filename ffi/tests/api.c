@@ -1510,7 +1510,7 @@ typedef struct {
     bool running; /* vCPUs run */
     unsigned burst;     /* pages the guest writes at each wake-up */
     uint64_t hot_pages; /* > 0: the guest writes only region 0's first pages */
-    bool harsh;         /* throttled, the guest all but stops (see guest_thread) */
+    bool harsh;         /* whole-page writes; throttled, the guest all but stops (see guest_thread) */
     bool quit;
     uint64_t rng;
     uint64_t writes;
@@ -1594,9 +1594,12 @@ static void *guest_thread(void *p) {
             if (room > PAGE)
                 room = PAGE;
             uint8_t *base = (uint8_t *)vm->r[region].host + page * PAGE;
-            for (int k = 0; k < 2; k++) {
+            /* Two words (a small delta), or for a harsh guest the whole
+             * page with random bytes (no delta, no compression helps). */
+            int words = vm->harsh ? (int)(room / 8) : 2;
+            for (int k = 0; k < words; k++) {
                 uint64_t v = rng_next(&vm->rng);
-                uint64_t off = (v >> 40) % room;
+                uint64_t off = vm->harsh ? (uint64_t)k * 8 : (v >> 40) % room;
                 size_t n = room - off < 8 ? (size_t)(room - off) : 8;
                 memcpy(base + off, &v, n);
             }
@@ -1632,7 +1635,10 @@ static void vm_init(fake_vm *vm, const layout *lay, uint64_t seed, bool guest) {
             host = xmalloc(len);
         }
         vm->mapped[i] = lay->r[i].mmap;
-        vm->r[i] = (dwcp_region){lay->r[i].gpa, host, len};
+        vm->r[i] = (dwcp_region){lay->r[i].gpa, host, len, 0};
+        /* Private anonymous mappings say so: their untouched pages go as
+         * zero pages unread (the migrations below check every byte). */
+        if (lay->r[i].mmap) vm->r[i].flags = DWCP_REGION_PRIVATE_ANONYMOUS;
         vm->pages[i] = (len + PAGE - 1) / PAGE;
         vm->words[i] = (vm->pages[i] + 63) / 64;
         vm->dirty[i] = calloc(vm->words[i], sizeof(uint64_t));
@@ -2203,9 +2209,12 @@ static void test_migration_throttled(void) {
     fake_vm src, dst;
     vm_init(&src, &MAIN_LAYOUT, 11, true);
     vm_init(&dst, &MAIN_LAYOUT, 0, false);
-    /* Tens of thousands of writes a second into an 8 MiB hot set: every
-     * round finds it all dirty, too much to stop under 50 ms at 80 Mbit/s,
-     * until the throttle (harsh: a page every 10 ms) calms the guest. */
+    /* Tens of thousands of whole-page random writes a second into an 8 MiB
+     * hot set: every round finds much of it dirty, and neither deltas nor
+     * compression shrink it (with two-word writes, deltas of ~40 bytes let
+     * rounds shrink to nothing and it converged unthrottled), too much to
+     * stop under 50 ms at 80 Mbit/s, until the throttle (harsh: a page
+     * every 10 ms) calms the guest. */
     pthread_mutex_lock(&src.mu);
     src.burst = 64;
     src.hot_pages = 2048;
@@ -2496,7 +2505,7 @@ static void test_migration_api_errors(void) {
     {
         static uint8_t page[2 * 4096] __attribute__((aligned(4096)));
         memset(page, 0x77, sizeof page);
-        dwcp_region one = {0, page, sizeof page};
+        dwcp_region one = {0, page, sizeof page, 0};
         CHECK_OK(dwcp_migration_dest_new(g_rx, &one, 1, &DEST_CBS, &vm, NULL, &m));
         dwcp_migration_free(m);
         for (size_t i = 0; i < sizeof page; i++)
@@ -2540,14 +2549,15 @@ static void test_migration_api_errors(void) {
         dwcp_region regions[2];
         size_t n;
     } bad[] = {
-        {"gpa not aligned", {{0x1001, host, PAGE}}, 1},
-        {"gpa not aligned (2)", {{0, host, PAGE}, {0x100800, host + PAGE, PAGE}}, 2},
-        {"length 0", {{0, host, 0}}, 1},
-        {"length not a multiple of 4096", {{0, host, PAGE + 123}}, 1},
-        {"host NULL", {{0, NULL, PAGE}}, 1},
-        {"overlap", {{0, host, 2 * PAGE}, {PAGE, host + 2 * PAGE, PAGE}}, 2},
-        {"same base", {{0x2000, host, PAGE}, {0x2000, host + PAGE, PAGE}}, 2},
-        {"gpa + len overflows", {{UINT64_MAX - PAGE + 1, host, 2 * PAGE}}, 1},
+        {"gpa not aligned", {{0x1001, host, PAGE, 0}}, 1},
+        {"gpa not aligned (2)", {{0, host, PAGE, 0}, {0x100800, host + PAGE, PAGE, 0}}, 2},
+        {"length 0", {{0, host, 0, 0}}, 1},
+        {"length not a multiple of 4096", {{0, host, PAGE + 123, 0}}, 1},
+        {"host NULL", {{0, NULL, PAGE, 0}}, 1},
+        {"overlap", {{0, host, 2 * PAGE, 0}, {PAGE, host + 2 * PAGE, PAGE, 0}}, 2},
+        {"same base", {{0x2000, host, PAGE, 0}, {0x2000, host + PAGE, PAGE, 0}}, 2},
+        {"gpa + len overflows", {{UINT64_MAX - PAGE + 1, host, 2 * PAGE, 0}}, 1},
+        {"unknown flags", {{0, host, PAGE, 0x80}}, 1},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         memcpy(r, bad[i].regions, sizeof bad[i].regions);
@@ -2566,8 +2576,8 @@ static void test_migration_api_errors(void) {
              dwcp_migration_source_new(g_tx, vm.r, 0, &SOURCE_CBS, &vm, &mo, &m));
     CHECK(m == sentinel);
     /* Regions out of gpa order, not overlapping: fine. */
-    r[0] = (dwcp_region){0x10000, host, PAGE};
-    r[1] = (dwcp_region){0, host + PAGE, PAGE};
+    r[0] = (dwcp_region){0x10000, host, PAGE, 0};
+    r[1] = (dwcp_region){0, host + PAGE, PAGE, 0};
     CHECK_OK(dwcp_migration_source_new(g_tx, r, 2, &SOURCE_CBS, &vm, &mo, &m));
     dwcp_migration_free(m);
 
@@ -2749,7 +2759,7 @@ static void test_migration_api_errors(void) {
     /* One page of zeros hashes as a page of the region, whatever its gpa. */
     uint8_t *z = calloc(1, PAGE);
     CHECK(z != NULL);
-    dwcp_region zr = {0x5000, z, PAGE}, zr2 = {0, z, PAGE}, zr3 = {0, z, 100};
+    dwcp_region zr = {0x5000, z, PAGE, 0}, zr2 = {0, z, PAGE, 0}, zr3 = {0, z, 100, 0};
     CHECK_OK(dwcp_memory_digest(&zr, 1, d1));
     CHECK_OK(dwcp_memory_digest(&zr2, 1, d2));
     CHECK(memcmp(d1, d2, 32) == 0);
