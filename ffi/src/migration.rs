@@ -47,7 +47,7 @@ pub struct dwcp_region {
 /// sends such pages as zero pages without reading them (Linux
 /// `/proc/self/pagemap`), which saves a page fault per untouched page.
 /// Wrong for memory that is also mapped elsewhere (a memfd, shared
-/// memory): do not set it there.
+/// memory): do not set it there. `host` must then be 4 KiB aligned.
 pub const DWCP_REGION_PRIVATE_ANONYMOUS: u32 = 1;
 
 /// The hypervisor side of a migration: what the library asks of the VMM.
@@ -401,6 +401,13 @@ unsafe fn guest_regions(regions: *const dwcp_region, n: usize) -> Result<Vec<Gue
         spans.push((r.gpa, end, i));
         if r.flags & !DWCP_REGION_PRIVATE_ANONYMOUS != 0 {
             return Err(bad(format!("unknown flags {:#x}", r.flags)));
+        }
+        if r.flags & DWCP_REGION_PRIVATE_ANONYMOUS != 0
+            && !(r.host as usize).is_multiple_of(PAGE_SIZE)
+        {
+            return Err(bad(
+                "DWCP_REGION_PRIVATE_ANONYMOUS needs a 4 KiB aligned host address".into(),
+            ));
         }
         // SAFETY: the caller promises the mapping is readable, writable
         // and mapped until the migration handle is freed, which outlives
@@ -1171,14 +1178,31 @@ mod tests {
             flags: 0,
         };
         assert!(check(&[null]).unwrap_err().contains("NULL"));
-        let flagged = |flags| dwcp_region {
+        // A page-aligned host inside the backing.
+        let base = backing.as_mut_ptr();
+        let page = base.wrapping_add(base.align_offset(4096));
+        let flagged = |host: *mut u8, flags| dwcp_region {
             gpa: 0,
-            host,
+            host: host.cast(),
             len: 4096,
             flags,
         };
-        assert_eq!(check(&[flagged(DWCP_REGION_PRIVATE_ANONYMOUS)]), Ok(1));
-        assert!(check(&[flagged(2)]).unwrap_err().contains("unknown flags"));
+        assert_eq!(
+            check(&[flagged(page, DWCP_REGION_PRIVATE_ANONYMOUS)]),
+            Ok(1)
+        );
+        assert!(
+            check(&[flagged(page, 2)])
+                .unwrap_err()
+                .contains("unknown flags")
+        );
+        assert!(
+            check(&[flagged(page.wrapping_add(8), DWCP_REGION_PRIVATE_ANONYMOUS)])
+                .unwrap_err()
+                .contains("aligned")
+        );
+        // Without the flag, any host address will do.
+        assert_eq!(check(&[flagged(page.wrapping_add(8), 0)]), Ok(1));
     }
 
     #[test]

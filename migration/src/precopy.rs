@@ -509,7 +509,12 @@ impl ShardTx {
             {
                 j += 1;
             }
-            if region.is_private_anonymous() && j - i >= PAGEMAP_MIN_RUN {
+            // Only where a guest page is one host page (a region at an
+            // unaligned host address straddles two).
+            if region.is_private_anonymous()
+                && (region.host_addr() as usize).is_multiple_of(PAGE_SIZE)
+                && j - i >= PAGEMAP_MIN_RUN
+            {
                 let addr = region.host_addr() as usize + offset;
                 pm.untouched(addr, &mut self.known_zero[i..j]);
             }
@@ -1773,6 +1778,54 @@ mod tests {
             let mut page = vec![1u8; PAGE_SIZE];
             region.read(p * PAGE_SIZE, &mut page).unwrap();
             assert!(page.iter().all(|&x| x == 0));
+        }
+    }
+
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn pagemap_is_not_asked_for_a_region_at_an_unaligned_host_address() {
+        use crate::kvm::memory::GuestMemory;
+        let mem = Arc::new(GuestMemory::new(4 << 20).unwrap());
+        let pages = 64;
+        // A region starting 8 bytes into the mapping: its page 0 covers
+        // host pages 0 and 1; only host page 1 is written.
+        // SAFETY: inside the mapping, which `mem` keeps alive; the region
+        // is dropped before `mem`.
+        let region = unsafe {
+            GuestRegion::new(
+                0,
+                std::ptr::NonNull::new(mem.host_addr().wrapping_add(8)).unwrap(),
+                pages * PAGE_SIZE,
+            )
+        }
+        .with_private_anonymous_memory();
+        mem.region().write(PAGE_SIZE + 100, &[1]).unwrap();
+        let mut tx = ShardTx {
+            enc: Encoder::new(&CodecConfig::default(), Policy::Datacenter).unwrap(),
+            shards: 1,
+            seq: 0,
+            in_flight: VecDeque::new(),
+            spare: Vec::new(),
+            auto: false,
+            pagemap: Pagemap::open(),
+            known_zero: Vec::new(),
+            staging: Vec::new(),
+            frame: Vec::new(),
+        };
+        let group: Vec<u64> = (0..pages as u64).collect();
+        tx.mark_untouched(std::slice::from_ref(&region), &group)
+            .unwrap();
+        assert!(
+            tx.known_zero.iter().all(|z| !z),
+            "unaligned: every page is read"
+        );
+        // The same memory as an aligned region: page 1 written, the rest
+        // untouched.
+        let aligned = mem.region();
+        tx.mark_untouched(std::slice::from_ref(&aligned), &group)
+            .unwrap();
+        if tx.pagemap.is_some() {
+            assert!(!tx.known_zero[1] && tx.known_zero[0] && tx.known_zero[2]);
         }
     }
 
