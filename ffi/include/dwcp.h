@@ -82,7 +82,7 @@
 // sends such pages as zero pages without reading them (Linux
 // `/proc/self/pagemap`), which saves a page fault per untouched page.
 // Wrong for memory that is also mapped elsewhere (a memfd, shared
-// memory): do not set it there. `host` must then be 4 KiB aligned.
+// memory) or registered with `userfaultfd`: do not set it there. `host` must then be 4 KiB aligned.
 #define DWCP_REGION_PRIVATE_ANONYMOUS 1
 
 // The controller's decision after a round.

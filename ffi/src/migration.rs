@@ -47,7 +47,7 @@ pub struct dwcp_region {
 /// sends such pages as zero pages without reading them (Linux
 /// `/proc/self/pagemap`), which saves a page fault per untouched page.
 /// Wrong for memory that is also mapped elsewhere (a memfd, shared
-/// memory): do not set it there. `host` must then be 4 KiB aligned.
+/// memory) or registered with `userfaultfd`: do not set it there. `host` must then be 4 KiB aligned.
 pub const DWCP_REGION_PRIVATE_ANONYMOUS: u32 = 1;
 
 /// The hypervisor side of a migration: what the library asks of the VMM.

@@ -129,7 +129,8 @@ impl GuestRegion {
     /// source then sends such pages as zero pages without reading them,
     /// which skips a page fault per page (~0.9 us here) and the read.
     /// Wrong for shared memory (a memfd the guest's memory is also mapped
-    /// from elsewhere): a page may be absent here and hold data. Used only
+    /// from elsewhere) and for memory registered with `userfaultfd`: a
+    /// page may be absent here and hold data, or get it on access. Used only
     /// where the region's host address is page aligned.
     pub fn with_private_anonymous_memory(mut self) -> Self {
         self.private_anonymous = true;
