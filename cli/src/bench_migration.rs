@@ -63,6 +63,11 @@ pub struct Run {
     throttled: u64,
     guest_dirty_mibps: f64,
     verified: bool,
+    /// CPU seconds of both processes during the migration (source: the
+    /// migration call, its guest's vCPU included; destination: from
+    /// listening to the guest running); `None` where a side (the C VMM)
+    /// does not report it.
+    cpu_s: Option<f64>,
 }
 
 fn num(v: &Value, k: &str) -> Result<f64> {
@@ -126,6 +131,10 @@ fn once(pair: &LinkPair, vmm: Vmm, exe: &Path, key: &Path, o: &Options) -> Resul
         throttled: num(&s, "throttled")? as u64,
         guest_dirty_mibps: num(&s, "guest_dirty_mibps")?,
         verified: digest(&s).is_some() && digest(&s) == digest(&d),
+        cpu_s: match (s["cpu_ms"].as_f64(), d["cpu_ms"].as_f64()) {
+            (Some(a), Some(b)) => Some((a + b) / 1e3),
+            _ => None,
+        },
     })
 }
 
@@ -226,6 +235,11 @@ pub fn summary(o: &Options, vmm: Vmm, runs: &[Run]) -> Value {
         "throttled": runs.iter().map(|r| r.throttled).max().unwrap_or(0),
         "guest_dirty_mibps": med(&|r| r.guest_dirty_mibps),
         "verified": runs.iter().all(|r| r.verified),
+        "cpu_s": runs
+            .iter()
+            .map(|r| r.cpu_s)
+            .collect::<Option<Vec<f64>>>()
+            .map(|mut v| median(&mut v)),
         "runs_total_ms": runs.iter().map(|r| r.total_ms).collect::<Vec<_>>(),
         "runs_downtime_ms": runs.iter().map(|r| r.downtime_ms).collect::<Vec<_>>(),
     })
@@ -246,7 +260,7 @@ pub fn print_table(o: &Options, vmm: Vmm, runs: &[Run]) {
         o.mode
     );
     println!(
-        "\n{:>4} {:>10} {:>12} {:>7} {:>12} {:>12} {:>9} {:>9} {:>10} {:>9}",
+        "\n{:>4} {:>10} {:>12} {:>7} {:>12} {:>12} {:>9} {:>9} {:>10} {:>9} {:>6}",
         "run",
         "total ms",
         "downtime ms",
@@ -256,11 +270,12 @@ pub fn print_table(o: &Options, vmm: Vmm, runs: &[Run]) {
         "converged",
         "throttle",
         "dirty MiB/s",
-        "verified"
+        "verified",
+        "cpu s"
     );
     for (i, r) in runs.iter().enumerate() {
         println!(
-            "{:>4} {:>10.0} {:>12.1} {:>7} {:>12} {:>12} {:>9} {:>8}% {:>10.1} {:>9}",
+            "{:>4} {:>10.0} {:>12.1} {:>7} {:>12} {:>12} {:>9} {:>8}% {:>10.1} {:>9} {:>6}",
             i + 1,
             r.total_ms,
             r.downtime_ms,
@@ -270,7 +285,8 @@ pub fn print_table(o: &Options, vmm: Vmm, runs: &[Run]) {
             r.converged,
             r.throttled,
             r.guest_dirty_mibps,
-            r.verified
+            r.verified,
+            r.cpu_s.map_or("-".into(), |c| format!("{c:.2}"))
         );
     }
     let s = summary(o, vmm, runs);

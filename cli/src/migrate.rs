@@ -121,6 +121,24 @@ pub struct MigrateOptions {
     pub json: bool,
 }
 
+/// CPU time this process has used (all its threads, the guest's vCPU
+/// thread included).
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -216,17 +234,18 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        let cpu0 = process_cpu();
         let r = migrate_out(&mut src, &sender, &cfg, |m| {
             if !json {
                 eprintln!("{m}");
             }
         });
         finished.store(true, Ordering::Release);
-        r
+        r.map(|r| (r, process_cpu().saturating_sub(cpu0)))
     });
     drop(sigint);
     match result {
-        Ok(r) => {
+        Ok((r, cpu)) => {
             if cfg.cancel.is_cancelled() {
                 eprintln!("interrupted too late: the guest had been handed over already");
             }
@@ -252,6 +271,7 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                         "throttled": s.max_throttle,
                         "counter_at_pause": src.counter(),
                         "guest_dirty_mibps": dirty_mibps,
+                        "cpu_ms": cpu.as_secs_f64() * 1e3,
                         "memory_digest": hex(&digest),
                     })
                 );
@@ -351,6 +371,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         );
     }
     let waited = Instant::now();
+    let cpu0 = process_cpu();
     let sigint = CatchSigint::install()?;
     let outcome = loop {
         if let Some(r) = incoming.wait_receiving(&recv, Duration::from_millis(100)) {
@@ -367,6 +388,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         }
     };
     drop(sigint);
+    let cpu = process_cpu().saturating_sub(cpu0);
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -397,6 +419,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
                 "pages": report.pages,
                 "batches": report.batches,
                 "finish_ms": report.finish.as_secs_f64() * 1e3,
+                "cpu_ms": cpu.as_secs_f64() * 1e3,
                 "counter_at_start": first,
                 "counter_after": later,
                 "ticks_at_start": ticks0,

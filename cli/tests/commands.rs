@@ -591,6 +591,10 @@ fn bench_migration_moves_a_guest_between_namespaces_and_verifies_it() {
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["converged"], true, "{r}");
     assert_eq!(r["rate"], 1_000_000_000u64, "{r}");
+    // Both processes worked: some CPU, and no more than two processes
+    // could use over the run (loose: the count of CPUs is not known here).
+    let cpu = r["cpu_s"].as_f64().unwrap_or(-1.0);
+    assert!(cpu > 0.0 && cpu < 600.0, "cpu_s {cpu}: {r}");
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(
         !String::from_utf8_lossy(&ns.stdout).contains(&format!("dwcp-{pid}-")),
