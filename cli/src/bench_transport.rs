@@ -30,7 +30,7 @@ use dwcp_transport::{
 use serde_json::{Value, json};
 
 use crate::netns::{LinkPair, Side};
-use crate::proc::ChildGuard;
+use crate::proc::{ChildGuard, cpu_seconds};
 use crate::transfer::{parse_streams, policy, resolve};
 use crate::units::format_size;
 
@@ -789,18 +789,6 @@ fn mem_available() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
-}
-
-/// User + system CPU seconds this process has used so far.
-fn cpu_seconds() -> Result<f64> {
-    // SAFETY: all-zero is a valid `struct rusage`.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is live and writable; getrusage writes only through it.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut u) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getrusage");
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(secs(u.ru_utime) + secs(u.ru_stime))
 }
 
 fn engine(workers: Option<usize>) -> Result<Engine> {

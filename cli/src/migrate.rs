@@ -23,6 +23,7 @@ use dwcp_migration::precopy::{
 use dwcp_transport::{Key, Receiver, ReceiverConfig, Sender, SenderConfig, StreamCount};
 use serde_json::json;
 
+use crate::proc::cpu_seconds;
 use crate::transfer::resolve;
 
 /// How long a stream of the source's session may go unanswered before it
@@ -121,24 +122,6 @@ pub struct MigrateOptions {
     pub json: bool,
 }
 
-/// CPU time this process has used (all its threads, the guest's vCPU
-/// thread included).
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        ts.tv_sec.max(0) as u64,
-        ts.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -220,6 +203,7 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
     let counter0 = src.counter();
     let sigint = CatchSigint::install()?;
     let finished = AtomicBool::new(false);
+    let cpu0 = cpu_seconds()?;
     let result = std::thread::scope(|scope| {
         // Ctrl-C cancels the migration.
         let token = cfg.cancel.clone();
@@ -234,14 +218,14 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        let cpu0 = process_cpu();
         let r = migrate_out(&mut src, &sender, &cfg, |m| {
             if !json {
                 eprintln!("{m}");
             }
         });
         finished.store(true, Ordering::Release);
-        r.map(|r| (r, process_cpu().saturating_sub(cpu0)))
+        // CPU of all threads, the guest's vCPU thread included.
+        r.map(|r| (r, cpu_seconds().unwrap_or(cpu0) - cpu0))
     });
     drop(sigint);
     match result {
@@ -271,7 +255,7 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
                         "throttled": s.max_throttle,
                         "counter_at_pause": src.counter(),
                         "guest_dirty_mibps": dirty_mibps,
-                        "cpu_ms": cpu.as_secs_f64() * 1e3,
+                        "cpu_ms": cpu * 1e3,
                         "memory_digest": hex(&digest),
                     })
                 );
@@ -371,7 +355,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         );
     }
     let waited = Instant::now();
-    let cpu0 = process_cpu();
+    let cpu0 = cpu_seconds()?;
     let sigint = CatchSigint::install()?;
     let outcome = loop {
         if let Some(r) = incoming.wait_receiving(&recv, Duration::from_millis(100)) {
@@ -388,7 +372,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
         }
     };
     drop(sigint);
-    let cpu = process_cpu().saturating_sub(cpu0);
+    let cpu = cpu_seconds().unwrap_or(cpu0) - cpu0;
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
@@ -419,7 +403,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
                 "pages": report.pages,
                 "batches": report.batches,
                 "finish_ms": report.finish.as_secs_f64() * 1e3,
-                "cpu_ms": cpu.as_secs_f64() * 1e3,
+                "cpu_ms": cpu * 1e3,
                 "counter_at_start": first,
                 "counter_after": later,
                 "ticks_at_start": ticks0,

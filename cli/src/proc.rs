@@ -1,6 +1,7 @@
 //! Child processes for benchmarks and their references: run one to
 //! completion within a time limit with its output captured, guard one so it
-//! is killed and reaped whatever happens, and read the CPU time it used.
+//! is killed and reaped whatever happens, and read the CPU time it (or this
+//! process) used.
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -188,6 +189,18 @@ mod sys {
             return Ok(Some((ExitStatus::from_raw(status), cpu)));
         }
     }
+}
+
+/// User + system CPU seconds this process has used so far.
+pub fn cpu_seconds() -> Result<f64> {
+    // SAFETY: all-zero is a valid `struct rusage`.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is live and writable; getrusage writes only through it.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut u) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(secs(u.ru_utime) + secs(u.ru_stime))
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! into the target directory this test runs from; the C programs go to a
 //! temporary directory that is removed unless a test fails.
 
+mod common;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -384,30 +386,12 @@ fn smoke_py_through_ctypes() {
 #[test]
 fn api_c_calls_every_export() {
     let api = std::fs::read_to_string(api_c()).expect("reading api.c");
-    let mut missing = Vec::new();
-    let mut n = 0;
-    let src_dir = root().join("ffi/src");
-    for entry in std::fs::read_dir(&src_dir).expect("listing ffi/src") {
-        let file = entry.expect("an entry of ffi/src").path();
-        if file.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
-        let src = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
-        for line in src.lines() {
-            let Some(rest) = line
-                .strip_prefix("pub unsafe extern \"C\" fn ")
-                .or_else(|| line.strip_prefix("pub extern \"C\" fn "))
-            else {
-                continue;
-            };
-            let name = rest.split('(').next().unwrap_or_default();
-            n += 1;
-            if !api.contains(&format!("{name}(")) {
-                missing.push(name.to_string());
-            }
-        }
-    }
+    let exports = common::exports();
+    let n = exports.len();
+    let missing: Vec<String> = exports
+        .into_iter()
+        .filter(|name| !api.contains(&format!("{name}(")))
+        .collect();
     assert!(n > 40, "found only {n} exports in ffi/src");
     assert!(
         missing.is_empty(),

@@ -2,6 +2,8 @@
 //! crate's version, and it declares every export of the library. (CI also
 //! regenerates it with cbindgen and fails on any difference.)
 
+mod common;
+
 use std::ffi::CStr;
 
 const HEADER: &str = include_str!("../include/dwcp.h");
@@ -43,26 +45,13 @@ fn version_macros_match_the_crate() {
 
 #[test]
 fn the_header_declares_every_export() {
-    let src = ["engine.rs", "migration.rs", "status.rs", "transfer.rs"]
-        .iter()
-        .map(|f| {
-            std::fs::read_to_string(format!("{}/src/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-        })
-        .collect::<String>();
-    let mut n = 0;
-    for line in src.lines() {
-        let Some(rest) = line
-            .strip_prefix("pub unsafe extern \"C\" fn ")
-            .or_else(|| line.strip_prefix("pub extern \"C\" fn "))
-        else {
-            continue;
-        };
-        let name = rest.split('(').next().unwrap();
+    let exports = common::exports();
+    for name in &exports {
         assert!(
             HEADER.contains(&format!(" {name}(")) || HEADER.contains(&format!("*{name}(")),
             "dwcp.h does not declare {name}: regenerate it (ffi/cbindgen.toml)"
         );
-        n += 1;
     }
+    let n = exports.len();
     assert!(n > 40, "found only {n} exports");
 }

@@ -614,7 +614,7 @@ impl<'a> Pump<'a> {
             }
         }
         let units = work_units(&unowned, size, n);
-        let per_shard = (IN_FLIGHT / n).max(1);
+        let per_shard = self.per_shard_in_flight();
         let sender = self.sender;
         let owner = &self.owner;
         if n == 1 || pages.len() <= size {
@@ -685,6 +685,11 @@ impl<'a> Pump<'a> {
         })
     }
 
+    /// Batches each shard keeps unconfirmed ([`IN_FLIGHT`] in all).
+    fn per_shard_in_flight(&self) -> usize {
+        (IN_FLIGHT / self.shards.len()).max(1)
+    }
+
     /// The owner of page `p`'s stripe ([`UNOWNED`] if none yet, or if `p`
     /// is past the guest, which [`locate`] then refuses).
     fn stripe_owner(&self, p: u64) -> u8 {
@@ -710,7 +715,7 @@ impl<'a> Pump<'a> {
     /// Waits for every part in flight, checking `guard` (if any) between
     /// them.
     fn drain(&mut self, guard: Option<&Guard<'_>>) -> Result<(), MigrationError> {
-        let keep = (IN_FLIGHT / self.shards.len()).max(1);
+        let keep = self.per_shard_in_flight();
         for shard in &mut self.shards {
             while let Some((id, bytes)) = shard.in_flight.pop_front() {
                 if let Some(g) = guard {

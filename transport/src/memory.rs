@@ -121,10 +121,7 @@ impl MemorySink {
         let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit in memory"))?;
         let mut buf = zeroed(len).ok_or_else(|| format!("cannot allocate {len} bytes"))?;
         populate(&mut buf);
-        let mut pool = lock(&self.inner.pool);
-        if pool.len() < POOL_BUFFERS {
-            pool.push(buf);
-        }
+        self.inner.pool_keep(buf);
         Ok(())
     }
 
@@ -132,10 +129,7 @@ impl MemorySink {
     /// once used, for a later region to be received into (at most
     /// [`POOL_BUFFERS`] are kept; the rest are freed).
     pub fn recycle(&self, buf: Vec<u8>) {
-        let mut pool = lock(&self.inner.pool);
-        if pool.len() < POOL_BUFFERS && !buf.is_empty() {
-            pool.push(buf);
-        }
+        self.inner.pool_keep(buf);
     }
 
     /// Regions that failed their digest check or were aborted.
@@ -195,6 +189,15 @@ impl Sink for MemorySink {
 }
 
 impl Inner {
+    /// Keeps `buf` for a later region, unless it is empty or
+    /// [`POOL_BUFFERS`] are kept already.
+    fn pool_keep(&self, buf: Vec<u8>) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < POOL_BUFFERS && !buf.is_empty() {
+            pool.push(buf);
+        }
+    }
+
     /// Reserves `n` more bytes against the limit.
     fn reserve(&self, n: u64) -> Result<(), String> {
         let mut st = lock(&self.state);
@@ -339,10 +342,7 @@ impl MemRegion {
         st.failed += u64::from(failed);
         drop(st);
         if !self.ordered {
-            let mut pool = lock(&self.sink.pool);
-            if pool.len() < POOL_BUFFERS {
-                pool.push(buf.data);
-            }
+            self.sink.pool_keep(buf.data);
         }
     }
 }
