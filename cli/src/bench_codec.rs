@@ -245,36 +245,30 @@ fn measure(
     ))
 }
 
-fn codec_row(
-    name: &str,
-    corpus: &str,
-    policy: Policy,
-    w: &Workload<'_>,
-    state_limit: usize,
-    repeat: usize,
-) -> Result<Row> {
-    let mut enc = Vec::new();
-    let mut dec = Vec::new();
-    let mut last = None;
-    for _ in 0..repeat.max(1) {
-        let (e, d, frame_bytes, stats) = measure(policy, w, state_limit)?;
-        enc.push(e);
-        dec.push(d);
-        last = Some((frame_bytes, stats));
-    }
-    let (frame_bytes, stats) = last.unwrap_or_default();
+/// The row of one codec measurement from its passes: median speeds, the
+/// ratio and page kinds of the last pass (every pass encodes the same).
+fn codec_row(name: &str, corpus: &str, w: &Workload<'_>, passes: &Passes) -> Row {
+    let (frame_bytes, stats) = passes.last.unwrap_or_default();
     let bytes = (w.pages.len() * PAGE_SIZE) as u64;
-    Ok(Row {
+    Row {
         name: name.into(),
         corpus: corpus.into(),
-        encode_gbps: Some(median(enc)),
-        decode_gbps: Some(median(dec)),
+        encode_gbps: Some(median(passes.enc.clone())),
+        decode_gbps: Some(median(passes.dec.clone())),
         ratio: Some(bytes as f64 / frame_bytes.max(1) as f64),
         stats: Some(stats),
         bytes,
         note: None,
         memory_read_gbps: None,
-    })
+    }
+}
+
+/// The passes of one codec measurement so far.
+#[derive(Default)]
+struct Passes {
+    enc: Vec<f64>,
+    dec: Vec<f64>,
+    last: Option<(u64, FrameStats)>,
 }
 
 /// Scans `size` bytes of written (not shared-zero) memory page by page.
@@ -393,18 +387,24 @@ fn reference_pass(
     rows
 }
 
-/// The median (of two: the mean) of a reference measured before and after.
-fn merge_reference(a: Row, b: Row) -> Row {
-    let mid = |x: Option<f64>, y: Option<f64>| match (x, y) {
-        (Some(x), Some(y)) => Some(median(vec![x, y])),
-        (x, y) => x.or(y),
+/// One reference row from its runs: median speeds (the first run's ratio
+/// and note).
+fn merge_reference(runs: Vec<Row>) -> Row {
+    let mid = |f: fn(&Row) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
     };
+    let encode_gbps = mid(|r| r.encode_gbps);
+    let decode_gbps = mid(|r| r.decode_gbps);
+    let ratio = runs.iter().find_map(|r| r.ratio);
+    let note = runs.iter().find_map(|r| r.note.clone());
+    let first = runs.into_iter().next().expect("at least one run");
     Row {
-        encode_gbps: mid(a.encode_gbps, b.encode_gbps),
-        decode_gbps: mid(a.decode_gbps, b.decode_gbps),
-        ratio: a.ratio.or(b.ratio),
-        note: a.note.or(b.note),
-        ..a
+        encode_gbps,
+        decode_gbps,
+        ratio,
+        note,
+        ..first
     }
 }
 
@@ -539,13 +539,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
         let f_nz = dir.join(&nonzero_name);
         std::fs::write(&f_all, &data).with_context(|| format!("writing {}", f_all.display()))?;
         std::fs::write(&f_nz, &nz_bytes).with_context(|| format!("writing {}", f_nz.display()))?;
-        let files = vec![(f_all, corpus_name.clone()), (f_nz, nonzero_name.clone())];
-        let before = reference_pass(&files, opts, &mut progress);
-        Some((dir, files, before))
+        Some((
+            dir,
+            vec![(f_all, corpus_name.clone()), (f_nz, nonzero_name.clone())],
+        ))
     } else {
         None
     };
-    let mut rows = Vec::new();
+    let mut cells = Vec::new();
     for (name, policy) in policies {
         for (w, cname, limit) in [
             (
@@ -556,29 +557,46 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
             (&nz, nonzero_name.as_str(), dwcp_codec::DEFAULT_STATE_LIMIT),
             (&dirty, "dirtied", dirty_state),
         ] {
-            if w.pages.is_empty() {
-                continue;
+            if !w.pages.is_empty() {
+                cells.push((name, cname, policy, w, limit, Passes::default()));
             }
-            progress(&format!("{name} on {cname}"));
-            rows.push(codec_row(name, cname, policy, w, limit, opts.repeat)?);
         }
     }
+    // Rounds: each measures every row once and runs every reference once,
+    // so that ours and the references sample the same stretches of this
+    // shared host's drifting speed; the rows are medians over the rounds.
+    let rounds = opts.repeat.max(1);
+    let mut ref_runs: Vec<Vec<Row>> = Vec::new();
+    for round in 1..=rounds {
+        if let Some((_, files)) = &refs {
+            let pass = reference_pass(files, opts, &mut progress);
+            if ref_runs.is_empty() {
+                ref_runs = pass.into_iter().map(|r| vec![r]).collect();
+            } else {
+                for (runs, r) in ref_runs.iter_mut().zip(pass) {
+                    runs.push(r);
+                }
+            }
+        }
+        for (name, cname, policy, w, limit, passes) in &mut cells {
+            progress(&format!("{name} on {cname} (round {round} of {rounds})"));
+            let (e, d, frame_bytes, stats) = measure(*policy, w, *limit)?;
+            passes.enc.push(e);
+            passes.dec.push(d);
+            passes.last = Some((frame_bytes, stats));
+        }
+    }
+    let mut rows: Vec<Row> = cells
+        .iter()
+        .map(|(name, cname, _, w, _, passes)| codec_row(name, cname, w, passes))
+        .collect();
     if opts.zero_scan > 0 {
         progress(&format!("zero scan of {}", format_size(opts.zero_scan)));
         rows.push(zero_scan(opts.zero_scan, opts.repeat));
     }
-    if let Some((dir, files, before)) = refs {
-        // Second reference pass, after the codec rows: the host's speed
-        // drifts over a run, so each reference is the median of a pass
-        // before and a pass after ours.
-        let after = reference_pass(&files, opts, &mut progress);
+    if let Some((dir, _)) = refs {
         let _ = std::fs::remove_dir_all(&dir);
-        rows.extend(
-            before
-                .into_iter()
-                .zip(after)
-                .map(|(a, b)| merge_reference(a, b)),
-        );
+        rows.extend(ref_runs.into_iter().map(merge_reference));
     }
     Ok(rows)
 }

@@ -372,7 +372,7 @@ struct CodecBenchArgs {
     /// Link rate the `auto` policy optimises for (300mbit, 1gbit, 100gbit).
     #[arg(long, value_parser = parse_rate, default_value = "1gbit")]
     link_rate: u64,
-    /// Passes per measurement; medians are printed.
+    /// Rounds, each measuring every row and running each C reference once; medians are printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     repeat: u64,
     /// Size of the written all-zero memory for the zero-scan row (0 skips it).
