@@ -38,6 +38,9 @@ pub struct Options {
     /// An untimed run first (warms page caches and the first-touch cost of
     /// fresh memory, see the note on this machine).
     pub warmup: bool,
+    /// Keep round 0's pages in the codec state (`dwcp migrate
+    /// --round0-state`).
+    pub round0_state: bool,
     /// A C VMM (ffi/examples/kvm_vmm) to compare with `dwcp migrate`.
     pub vmm: Option<PathBuf>,
 }
@@ -109,6 +112,9 @@ fn once(pair: &LinkPair, vmm: Vmm, exe: &Path, key: &Path, o: &Options) -> Resul
         .args(["--deadline", &format!("{}ms", o.deadline.as_millis())])
         .args(["--mode", &o.mode, "--streams", &o.streams, "--key"])
         .arg(key);
+    if o.round0_state && vmm == Vmm::Rust {
+        src.arg("--round0-state");
+    }
     let src = Peer::spawn(src, "source")?;
     let deadline = Instant::now() + budget;
     let s = src.finish(deadline, "source");

@@ -301,6 +301,7 @@ impl dwcp_migration_options {
             shards: self.shards as usize,
             codec_state: (self.codec_state > 0)
                 .then(|| usize::try_from(self.codec_state).unwrap_or(usize::MAX)),
+            round0_codec_state: MigrateConfig::default().round0_codec_state,
             cancel: CancelToken::new(),
         })
     }
