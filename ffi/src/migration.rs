@@ -223,6 +223,11 @@ pub struct dwcp_migration_options {
     /// 64 MiB per shard). The destination refuses more than its guest's
     /// size. Memory is only used as pages are sent.
     pub codec_state: u64,
+    /// Source: keep round 0's pages in that state too (false: round 0
+    /// goes through stateless encoders, and the state starts with the
+    /// pages dirtied again, unless a dirty-log probe 250 ms in finds the
+    /// guest dirtying more than half the link; docs/migration.md).
+    pub round0_codec_state: bool,
     /// The link's rate in bits per second, for `DWCP_MODE_AUTO`; 0 to let
     /// the transport measure it.
     pub link_rate: u64,
@@ -263,6 +268,7 @@ fn migration_defaults() -> dwcp_migration_options {
         max_buffered: 1 << 30,
         dest_memory_zero: false,
         codec_state: 0,
+        round0_codec_state: MigrateConfig::default().round0_codec_state,
         link_rate: 0,
         on_round: None,
         on_round_user: std::ptr::null_mut(),
@@ -301,7 +307,7 @@ impl dwcp_migration_options {
             shards: self.shards as usize,
             codec_state: (self.codec_state > 0)
                 .then(|| usize::try_from(self.codec_state).unwrap_or(usize::MAX)),
-            round0_codec_state: MigrateConfig::default().round0_codec_state,
+            round0_codec_state: self.round0_codec_state,
             cancel: CancelToken::new(),
         })
     }
