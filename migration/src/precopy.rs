@@ -717,6 +717,9 @@ impl<'a> Pump<'a> {
         let sender = self.sender;
         let owner = &self.owner;
         let stateless = &self.stateless;
+        // Set when the probe fails: the shards stop at their next batch.
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
         if n == 1 || pages.len() <= size {
             // One thread: unowned stripes are dealt round-robin.
             for (k, unit) in units.iter().enumerate() {
@@ -757,6 +760,9 @@ impl<'a> Pump<'a> {
                         let mut sent = Sent::default();
                         for batch in mine[s].chunks(size) {
                             guard.check()?;
+                            if stop.load(Ordering::Relaxed) {
+                                return Ok(sent);
+                            }
                             shard.use_stateless = stateless.load(Ordering::Relaxed);
                             sent +=
                                 shard.send_batch(sender, regions, s, batch, per_shard, guard)?;
@@ -765,6 +771,9 @@ impl<'a> Pump<'a> {
                             let k = next.fetch_add(1, Ordering::Relaxed);
                             let Some(unit) = units.get(k) else { break };
                             guard.check()?;
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
                             claim(owner, unit, s);
                             shard.use_stateless = stateless.load(Ordering::Relaxed);
                             sent += shard.send_batch(sender, regions, s, unit, per_shard, guard)?;
@@ -782,7 +791,10 @@ impl<'a> Pump<'a> {
                         match check() {
                             Ok(true) => stateless.store(false, Ordering::Relaxed),
                             Ok(false) => {}
-                            Err(e) => probe_err = Some(e),
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                probe_err = Some(e);
+                            }
                         }
                         break;
                     }

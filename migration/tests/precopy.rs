@@ -651,3 +651,78 @@ fn pages_reported_dirty_but_unchanged_since_round_0_are_not_sent_again() {
         recv.close().unwrap();
     }
 }
+
+/// A source whose dirty log fails at its second read: the probe 250 ms
+/// into a stateless round 0.
+struct FailsSecondRead {
+    guest: SyntheticGuest,
+    reads: usize,
+}
+
+impl SourceHypervisor for FailsSecondRead {
+    fn regions(&self) -> Vec<GuestRegion> {
+        SourceHypervisor::regions(&self.guest)
+    }
+    fn start_dirty_log(&mut self) -> HvResult<()> {
+        self.guest.start_dirty_log()
+    }
+    fn read_and_clear_dirty(&mut self, region: usize, bitmap: &mut [u64]) -> HvResult<()> {
+        self.reads += 1;
+        if self.reads == 2 {
+            return Err(dwcp_migration::hv::HvError::new(
+                "dirty log read",
+                "failed (test)",
+            ));
+        }
+        self.guest.read_and_clear_dirty(region, bitmap)
+    }
+    fn stop_dirty_log(&mut self) -> HvResult<()> {
+        self.guest.stop_dirty_log()
+    }
+    fn pause(&mut self) -> HvResult<()> {
+        self.guest.pause()
+    }
+    fn resume(&mut self) -> HvResult<()> {
+        SourceHypervisor::resume(&mut self.guest)
+    }
+    fn throttle(&mut self, percent: u8) -> HvResult<()> {
+        self.guest.throttle(percent)
+    }
+    fn save_device_state(&mut self) -> HvResult<Vec<u8>> {
+        self.guest.save_device_state()
+    }
+}
+
+#[test]
+fn a_dirty_log_failure_in_the_round_0_probe_stops_the_round_and_the_source_runs_on() {
+    // 256 MiB at 40 Mbit/s: round 0 takes seconds; the shards stop at
+    // their next batch after the probe fails, 250 ms in.
+    let ram = 256 << 20;
+    let mut src = FailsSecondRead {
+        guest: SyntheticGuest::source(ram, 30, 13).unwrap(),
+        reads: 0,
+    };
+    let (dst, started, incoming) = synthetic_destination(ram);
+    let (recv, sender, _rx, _tx) = session_with(
+        &incoming,
+        SenderConfig {
+            rate_limit: 40_000_000 / 8,
+            stall_timeout: Duration::from_secs(2),
+            resume_for: Duration::from_secs(3),
+            ..SenderConfig::default()
+        },
+    );
+    let t = Instant::now();
+    let result = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {});
+    let took = t.elapsed();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("dirty log read: failed (test)"), "{err}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "returned after {took:?}"
+    );
+    assert_runs_on(|| src.guest.counter(), "the source after the failure");
+    sender.cancel();
+    assert_discarded(&incoming, &dst, &started, "");
+    recv.close().unwrap();
+}
