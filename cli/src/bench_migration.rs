@@ -38,9 +38,9 @@ pub struct Options {
     /// An untimed run first (warms page caches and the first-touch cost of
     /// fresh memory, see the note on this machine).
     pub warmup: bool,
-    /// Keep round 0's pages in the codec state (`dwcp migrate
-    /// --round0-state`).
-    pub round0_state: bool,
+    /// Round 0 through stateless encoders (`dwcp migrate
+    /// --round0-stateless`).
+    pub round0_stateless: bool,
     /// A C VMM (ffi/examples/kvm_vmm) to compare with `dwcp migrate`.
     pub vmm: Option<PathBuf>,
 }
@@ -112,8 +112,8 @@ fn once(pair: &LinkPair, vmm: Vmm, exe: &Path, key: &Path, o: &Options) -> Resul
         .args(["--deadline", &format!("{}ms", o.deadline.as_millis())])
         .args(["--mode", &o.mode, "--streams", &o.streams, "--key"])
         .arg(key);
-    if o.round0_state && vmm == Vmm::Rust {
-        src.arg("--round0-state");
+    if o.round0_stateless && vmm == Vmm::Rust {
+        src.arg("--round0-stateless");
     }
     let src = Peer::spawn(src, "source")?;
     let deadline = Instant::now() + budget;

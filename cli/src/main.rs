@@ -232,12 +232,12 @@ struct MigrateArgs {
     /// are then allocated as they arrive, with a page fault each).
     #[arg(long)]
     no_prealloc: bool,
-    /// Source: keep round 0's pages in the page codec's state, so that
-    /// later rounds send deltas against them (by default round 0 goes
-    /// stateless: cheaper on CPU, better unless the guest rewrites much
-    /// of its memory within a round; docs/migration.md).
+    /// Source: send round 0 through stateless page encoders (its pages
+    /// stay out of the codec state that later rounds delta against):
+    /// less CPU, faster for an idle guest when the CPU is what limits,
+    /// slower when the link is (docs/migration.md).
     #[arg(long)]
-    round0_state: bool,
+    round0_stateless: bool,
     /// One JSON object at the end.
     #[arg(long)]
     json: bool,
@@ -312,10 +312,10 @@ struct MigrationBenchArgs {
     /// Skip the untimed warm-up run.
     #[arg(long)]
     no_warmup: bool,
-    /// Keep round 0's pages in the page codec's state (`dwcp migrate
-    /// --round0-state`; the C VMM keeps libdwcp's default).
+    /// Send round 0 through stateless page encoders (`dwcp migrate
+    /// --round0-stateless`; the C VMM keeps libdwcp's default).
     #[arg(long)]
-    round0_state: bool,
+    round0_stateless: bool,
     /// Also migrate with this C VMM over libdwcp (ffi/examples/kvm_vmm),
     /// alternating runs with `dwcp migrate`, and compare the medians.
     #[arg(long)]
@@ -509,7 +509,7 @@ fn bench_migration(a: &MigrationBenchArgs) -> Result<()> {
         streams: a.streams.clone(),
         repeat: a.repeat as usize,
         warmup: !a.no_warmup,
-        round0_state: a.round0_state,
+        round0_stateless: a.round0_stateless,
         vmm: a.vmm.clone(),
     };
     let (rust, c) = bench_migration::run(&o, progress(a.json))?;
@@ -640,7 +640,7 @@ fn main() -> ExitCode {
                     rate_limit_bps: a.rate_limit,
                     run_after: a.run_after,
                     prealloc: !a.no_prealloc,
-                    round0_state: a.round0_state,
+                    round0_stateless: a.round0_stateless,
                     json: a.json,
                 })
             }),

@@ -118,9 +118,9 @@ pub struct MigrateOptions {
     /// Destination: allocate all guest RAM before listening
     /// ([`KvmGuest::preallocate`]).
     pub prealloc: bool,
-    /// Source: keep round 0's pages in the codec state
-    /// ([`MigrateConfig::round0_codec_state`]).
-    pub round0_state: bool,
+    /// Source: round 0 through stateless encoders (not
+    /// [`MigrateConfig::round0_codec_state`]).
+    pub round0_stateless: bool,
     /// Machine output.
     pub json: bool,
 }
@@ -200,7 +200,7 @@ fn source(o: &MigrateOptions, guest: GuestConfig, to: &str) -> Result<()> {
             ..ControllerConfig::default()
         },
         policy,
-        round0_codec_state: o.round0_state,
+        round0_codec_state: !o.round0_stateless,
         ..MigrateConfig::default()
     };
     let json = o.json;

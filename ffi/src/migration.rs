@@ -223,10 +223,11 @@ pub struct dwcp_migration_options {
     /// 64 MiB per shard). The destination refuses more than its guest's
     /// size. Memory is only used as pages are sent.
     pub codec_state: u64,
-    /// Source: keep round 0's pages in that state too (false: round 0
-    /// goes through stateless encoders, and the state starts with the
-    /// pages dirtied again, unless a dirty-log probe 250 ms in finds the
-    /// guest dirtying more than half the link; docs/migration.md).
+    /// Source: keep round 0's pages in that state too (true, the
+    /// default). False sends round 0 through stateless encoders: the
+    /// state starts with the pages dirtied again, unless a dirty-log
+    /// probe 250 ms in finds the guest dirtying more than half the link
+    /// (docs/migration.md).
     pub round0_codec_state: bool,
     /// The link's rate in bits per second, for `DWCP_MODE_AUTO`; 0 to let
     /// the transport measure it.

@@ -2193,7 +2193,7 @@ static simple_result migrate_simple(const layout *lay, uint8_t dst_fill, bool ro
  * ask for zeroed memory, and the incoming report's digest is meant to be
  * the digest of the destination's memory. */
 static void test_migration_dirty_destination(void) {
-    simple_result r = migrate_simple(&SMALL_LAYOUT, 0x5A, false);
+    simple_result r = migrate_simple(&SMALL_LAYOUT, 0x5A, true);
     CHECKF(r.st == DWCP_STATUS_OK, "migrate_to: %s: %s", dwcp_status_name(r.st), r.err);
     CHECK(r.report_matches_source);
     CHECKF(r.memory_matches_report && r.bytes_match,
@@ -2203,10 +2203,10 @@ static void test_migration_dirty_destination(void) {
               r.bytes_match ? "match" : "do not match");
 }
 
-/* The same with round 0 kept in the codec state (the default sends it
- * through stateless encoders): the other kind of page batch. */
-static void test_migration_round0_state(void) {
-    simple_result r = migrate_simple(&SMALL_LAYOUT, 0, true);
+/* The same with round 0 sent through stateless encoders (the default
+ * keeps it in the codec state): the other kind of page batch. */
+static void test_migration_round0_stateless(void) {
+    simple_result r = migrate_simple(&SMALL_LAYOUT, 0, false);
     CHECKF(r.st == DWCP_STATUS_OK, "migrate_to: %s: %s", dwcp_status_name(r.st), r.err);
     CHECK(r.report_matches_source && r.memory_matches_report && r.bytes_match);
 }
@@ -2504,7 +2504,7 @@ static void test_migration_api_errors(void) {
     CHECK(mo.allow_throttle && mo.mode == DWCP_MODE_DATACENTER && mo.shards == 2);
     CHECK(mo.max_device_state == 1 << 20 && mo.max_buffered == (uint64_t)1 << 30);
     CHECK(mo.link_rate == 0 && mo.on_round == NULL && mo.on_round_user == NULL);
-    CHECK(mo.codec_state == 0 && !mo.round0_codec_state);
+    CHECK(mo.codec_state == 0 && mo.round0_codec_state);
     CHECK_ST(DWCP_STATUS_NULL_ARGUMENT, dwcp_migration_options_default(NULL));
 
     dwcp_migration *sentinel = (dwcp_migration *)(uintptr_t)0x808, *m = sentinel;
@@ -2839,7 +2839,7 @@ int main(int argc, char **argv) {
     if (!g_quick)
         run("migration throttled", test_migration_throttled);
     run("migration dirty destination", test_migration_dirty_destination);
-    run("migration round 0 in the codec state", test_migration_round0_state);
+    run("migration round 0 stateless", test_migration_round0_stateless);
     run("migration failures", test_migration_failures);
     run("migration no destination", test_migration_no_destination);
 

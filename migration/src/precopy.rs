@@ -159,13 +159,16 @@ pub struct MigrateConfig {
     /// of the guest's size.
     pub codec_state: Option<usize>,
     /// Whether round 0's pages enter the codec state, so that later
-    /// rounds can send deltas against them and references to them. Off
-    /// by default: round 0 then goes through a stateless encoder per
-    /// shard, as QEMU fills its XBZRLE cache only after the bulk stage.
-    /// Keeping every page of round 0 costs a fresh state page per page
-    /// sent at both ends (first-touch faults and copies, on the CPU that
-    /// also compresses), and only the pages the guest dirties again use
-    /// it; those go whole in round 1 instead and enter the state then.
+    /// rounds can send deltas against them and references to them (the
+    /// default). Off, round 0 goes through a stateless encoder per shard,
+    /// as QEMU fills its XBZRLE cache only after the bulk stage: keeping
+    /// every page of round 0 costs a fresh state page per page sent at
+    /// both ends (first-touch faults and copies, on the CPU that also
+    /// compresses), and only the pages the guest dirties again use it;
+    /// those go whole in round 1 instead. Measured: faster for an idle
+    /// guest on a link the CPU can barely feed, slower where the link is
+    /// the limit and the guest dirties a fair share of it
+    /// (docs/migration.md).
     pub round0_codec_state: bool,
     /// Cancels the migration when cancelled (from any thread); a fresh
     /// token by default.
@@ -179,7 +182,7 @@ impl Default for MigrateConfig {
             policy: Policy::Datacenter,
             shards: 2,
             codec_state: None,
-            round0_codec_state: false,
+            round0_codec_state: true,
             cancel: CancelToken::default(),
         }
     }

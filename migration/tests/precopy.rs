@@ -560,8 +560,8 @@ fn a_session_lost_after_end_leaves_the_source_paused_never_two_guests() {
 
 /// A source whose dirty log, after round 0, reports every page as
 /// written although nothing changed (as pages dirtied before round 0 read
-/// them are): they are at the destination already, and by default (round
-/// 0 stateless, with page hashes for the next round) none goes again.
+/// them are): they are at the destination already, and with round 0
+/// stateless (page hashes kept for the next round) none goes again.
 struct Touched {
     guest: SyntheticGuest,
     reads: usize,
@@ -713,7 +713,11 @@ fn a_dirty_log_failure_in_the_round_0_probe_stops_the_round_and_the_source_runs_
         },
     );
     let t = Instant::now();
-    let result = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {});
+    let cfg = MigrateConfig {
+        round0_codec_state: false,
+        ..MigrateConfig::default()
+    };
+    let result = migrate_out(&mut src, &sender, &cfg, |_| {});
     let took = t.elapsed();
     let err = result.unwrap_err().to_string();
     assert!(err.contains("dirty log read: failed (test)"), "{err}");
