@@ -473,12 +473,8 @@ impl ShardTx {
         let mut sent = Sent::default();
         let mut bytes = self.spare.pop().unwrap_or_default();
         bytes.clear();
-        let share = if self.auto {
-            self.link_share(sender)
-        } else {
-            None
-        };
         if self.auto {
+            let share = self.link_share(sender);
             let enc = if self.use_stateless {
                 &mut self.stateless
             } else {
@@ -1492,7 +1488,7 @@ impl Sink for DestSink {
             Some(&(PART_LAYOUT | PART_PAGES | PART_DEVICE)) => Ok(Arc::new(PartWriter {
                 inner: self.shared.mem.handle().open(info)?,
                 shared: self.shared.clone(),
-                batch: parse_batch(&info.meta),
+                batch: parse_batch(&info.meta).map(|(shard, seq, _)| (shard, seq)),
             })),
             _ => Err("not a migration part".into()),
         }
@@ -1511,12 +1507,13 @@ struct PartWriter {
     batch: Option<(u16, u32)>,
 }
 
-/// `(shard, seq)` of a page batch's metadata.
-fn parse_batch(meta: &[u8]) -> Option<(u16, u32)> {
+/// `(shard, seq, flags)` of a page batch's metadata ([`meta_pages`]).
+fn parse_batch(meta: &[u8]) -> Option<(u16, u32, u8)> {
     (meta.len() == 8 && meta[0] == PART_PAGES).then(|| {
         (
             u16::from_le_bytes([meta[1], meta[2]]),
             u32::from_le_bytes([meta[3], meta[4], meta[5], meta[6]]),
+            meta[7],
         )
     })
 }
@@ -1734,10 +1731,13 @@ fn apply_loop(
                     codec = CodecSettings::decode(&bytes, guest_bytes)?;
                     layout_ok = true;
                 }
-                Some(&PART_PAGES) if r.meta.len() == 8 => {
-                    let shard = u16::from_le_bytes([r.meta[1], r.meta[2]]);
-                    let seq = u32::from_le_bytes([r.meta[3], r.meta[4], r.meta[5], r.meta[6]]);
-                    let flags = r.meta[7];
+                Some(&PART_PAGES) => {
+                    let Some((shard, seq, flags)) = parse_batch(&r.meta) else {
+                        return Err(format!(
+                            "page batch metadata of {} bytes, not 8",
+                            r.meta.len()
+                        ));
+                    };
                     if layout_ok && shard >= codec.shards {
                         return Err(format!(
                             "shard {shard} out of range (the layout said {})",

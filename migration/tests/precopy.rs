@@ -558,16 +558,24 @@ fn a_session_lost_after_end_leaves_the_source_paused_never_two_guests() {
     sender.cancel();
 }
 
-/// A source whose dirty log, after round 0, reports every page as
-/// written although nothing changed (as pages dirtied before round 0 read
-/// them are): they are at the destination already, and with round 0
-/// stateless (page hashes kept for the next round) none goes again.
-struct Touched {
-    guest: SyntheticGuest,
-    reads: usize,
+/// What [`SecondRead`] does at its source's second dirty-log read.
+#[derive(Clone, Copy)]
+enum AtSecondRead {
+    /// Report every page as written although nothing changed.
+    ReportAll,
+    /// Fail.
+    Fail,
 }
 
-impl SourceHypervisor for Touched {
+/// A synthetic source whose second dirty-log read (the probe 250 ms into
+/// a stateless round 0, or else the read that ends round 0) is scripted.
+struct SecondRead {
+    guest: SyntheticGuest,
+    reads: usize,
+    at_second: AtSecondRead,
+}
+
+impl SourceHypervisor for SecondRead {
     fn regions(&self) -> Vec<GuestRegion> {
         SourceHypervisor::regions(&self.guest)
     }
@@ -575,13 +583,24 @@ impl SourceHypervisor for Touched {
         self.guest.start_dirty_log()
     }
     fn read_and_clear_dirty(&mut self, region: usize, bitmap: &mut [u64]) -> HvResult<()> {
-        self.guest.read_and_clear_dirty(region, bitmap)?;
         self.reads += 1;
-        // Read 1 is the start-of-migration read, read 2 ends round 0.
+        // Read 1 is the one at the start of the migration.
         if self.reads == 2 {
-            bitmap.fill(u64::MAX);
+            match self.at_second {
+                AtSecondRead::ReportAll => {
+                    self.guest.read_and_clear_dirty(region, bitmap)?;
+                    bitmap.fill(u64::MAX);
+                    return Ok(());
+                }
+                AtSecondRead::Fail => {
+                    return Err(dwcp_migration::hv::HvError::new(
+                        "dirty log read",
+                        "failed (test)",
+                    ));
+                }
+            }
         }
-        Ok(())
+        self.guest.read_and_clear_dirty(region, bitmap)
     }
     fn stop_dirty_log(&mut self) -> HvResult<()> {
         self.guest.stop_dirty_log()
@@ -600,13 +619,18 @@ impl SourceHypervisor for Touched {
     }
 }
 
+/// Pages reported dirty after round 0 although nothing changed (as pages
+/// dirtied before round 0 read them are) are at the destination already:
+/// with round 0 stateless (page hashes kept for the next round) none goes
+/// again.
 #[test]
 fn pages_reported_dirty_but_unchanged_since_round_0_are_not_sent_again() {
     let ram = 32 << 20;
     for keep_round0 in [false, true] {
-        let mut src = Touched {
+        let mut src = SecondRead {
             guest: SyntheticGuest::source(ram, 0, 5).unwrap(),
             reads: 0,
+            at_second: AtSecondRead::ReportAll,
         };
         let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 0).unwrap()));
         let digest = Arc::new(Mutex::new(None));
@@ -652,55 +676,15 @@ fn pages_reported_dirty_but_unchanged_since_round_0_are_not_sent_again() {
     }
 }
 
-/// A source whose dirty log fails at its second read: the probe 250 ms
-/// into a stateless round 0.
-struct FailsSecondRead {
-    guest: SyntheticGuest,
-    reads: usize,
-}
-
-impl SourceHypervisor for FailsSecondRead {
-    fn regions(&self) -> Vec<GuestRegion> {
-        SourceHypervisor::regions(&self.guest)
-    }
-    fn start_dirty_log(&mut self) -> HvResult<()> {
-        self.guest.start_dirty_log()
-    }
-    fn read_and_clear_dirty(&mut self, region: usize, bitmap: &mut [u64]) -> HvResult<()> {
-        self.reads += 1;
-        if self.reads == 2 {
-            return Err(dwcp_migration::hv::HvError::new(
-                "dirty log read",
-                "failed (test)",
-            ));
-        }
-        self.guest.read_and_clear_dirty(region, bitmap)
-    }
-    fn stop_dirty_log(&mut self) -> HvResult<()> {
-        self.guest.stop_dirty_log()
-    }
-    fn pause(&mut self) -> HvResult<()> {
-        self.guest.pause()
-    }
-    fn resume(&mut self) -> HvResult<()> {
-        SourceHypervisor::resume(&mut self.guest)
-    }
-    fn throttle(&mut self, percent: u8) -> HvResult<()> {
-        self.guest.throttle(percent)
-    }
-    fn save_device_state(&mut self) -> HvResult<Vec<u8>> {
-        self.guest.save_device_state()
-    }
-}
-
 #[test]
 fn a_dirty_log_failure_in_the_round_0_probe_stops_the_round_and_the_source_runs_on() {
     // 256 MiB at 40 Mbit/s: round 0 takes seconds; the shards stop at
     // their next batch after the probe fails, 250 ms in.
     let ram = 256 << 20;
-    let mut src = FailsSecondRead {
+    let mut src = SecondRead {
         guest: SyntheticGuest::source(ram, 30, 13).unwrap(),
         reads: 0,
+        at_second: AtSecondRead::Fail,
     };
     let (dst, started, incoming) = synthetic_destination(ram);
     let (recv, sender, _rx, _tx) = session_with(
