@@ -401,6 +401,76 @@ impl Encoder {
         let (compression, n) = self
             .comp
             .compress(&self.policy, data, &mut out[HEADER_LEN..])?;
+        let (head, rest) = out.split_at_mut(HEADER_LEN);
+        let digest =
+            self.chunk_frame_ends(data, seq, offset, compression, n, head, &mut rest[n..])?;
+        Ok((
+            FrameStats {
+                input_bytes: data.len() as u64,
+                frame_bytes: (HEADER_LEN + n + CHECKSUM_LEN) as u64,
+                compression: Some(compression),
+                ..FrameStats::default()
+            },
+            digest,
+        ))
+    }
+
+    /// [`Encoder::encode_chunk_at`] for a chunk sent stored, without copying
+    /// it: writes the frame's header into `head` ([`HEADER_LEN`] bytes) and
+    /// its checksum into `sum` ([`CHECKSUM_LEN`] bytes). The frame is `head`,
+    /// then `data` as it is, then `sum`: byte for byte what
+    /// `encode_chunk_at` writes under [`Policy::Stored`], whatever this
+    /// encoder's policy. For senders that hand the kernel the three pieces
+    /// (one `sendmsg`) instead of assembling the frame.
+    pub fn encode_stored_chunk_at(
+        &mut self,
+        data: &[u8],
+        seq: u64,
+        offset: Option<u64>,
+        head: &mut [u8],
+        sum: &mut [u8],
+    ) -> Result<(FrameStats, ChunkDigest), CodecError> {
+        if data.len() > MAX_FRAME_INPUT {
+            return Err(CodecError::InvalidInput(format!(
+                "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
+                data.len()
+            )));
+        }
+        let (Some(head), Some(sum)) = (head.get_mut(..HEADER_LEN), sum.get_mut(..CHECKSUM_LEN))
+        else {
+            return Err(CodecError::InvalidInput(format!(
+                "header room of {} bytes and checksum room of {}, need {HEADER_LEN} and {CHECKSUM_LEN}",
+                head.len(),
+                sum.len()
+            )));
+        };
+        let n = data.len();
+        let digest = self.chunk_frame_ends(data, seq, offset, Compression::Stored, n, head, sum)?;
+        Ok((
+            FrameStats {
+                input_bytes: n as u64,
+                frame_bytes: (HEADER_LEN + n + CHECKSUM_LEN) as u64,
+                compression: Some(Compression::Stored),
+                ..FrameStats::default()
+            },
+            digest,
+        ))
+    }
+
+    /// Writes a chunk frame's header (its payload: `payload_len` bytes of
+    /// `data` under `compression`) into `head` and its checksum into the
+    /// start of `sum`; returns the chunk's digest.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_frame_ends(
+        &self,
+        data: &[u8],
+        seq: u64,
+        offset: Option<u64>,
+        compression: Compression,
+        payload_len: usize,
+        head: &mut [u8],
+        sum: &mut [u8],
+    ) -> Result<ChunkDigest, CodecError> {
         let header = FrameHeader {
             version: VERSION,
             kind: FrameKind::Chunk,
@@ -409,24 +479,21 @@ impl Encoder {
             flags: if self.key.is_some() { FLAG_KEYED } else { 0 },
             entries: 0,
             table_len: 0,
-            payload_len: n as u32,
+            payload_len: payload_len as u32,
             raw_len: data.len() as u32,
             seq,
         };
-        header.write(&mut out[..HEADER_LEN]);
-        let body = HEADER_LEN + n;
+        header.write(&mut head[..HEADER_LEN]);
         let digest = ChunkDigest::of(data, offset);
-        let sum = chunk_checksum(self.key.as_ref(), &out[..HEADER_LEN], &digest);
-        out[body..body + CHECKSUM_LEN].copy_from_slice(sum.as_bytes());
-        Ok((
-            FrameStats {
-                input_bytes: data.len() as u64,
-                frame_bytes: (body + CHECKSUM_LEN) as u64,
-                compression: Some(compression),
-                ..FrameStats::default()
-            },
-            digest,
-        ))
+        let s = chunk_checksum(self.key.as_ref(), &head[..HEADER_LEN], &digest);
+        let Some(out) = sum.get_mut(..CHECKSUM_LEN) else {
+            return Err(CodecError::InvalidInput(format!(
+                "checksum room of {} bytes, need {CHECKSUM_LEN}",
+                sum.len()
+            )));
+        };
+        out.copy_from_slice(s.as_bytes());
+        Ok(digest)
     }
 
     /// [`Encoder::encode_chunk_into`] into a `Vec`, which is cleared first.

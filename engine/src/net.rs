@@ -445,6 +445,50 @@ impl LocalTcpStream {
         .await
     }
 
+    /// Sends all of the buffers, in order, as one byte stream: `sendmsg(2)`
+    /// again from where a short send stopped, until every byte is out.
+    pub async fn send_all_vectored<B: IoBuf>(&self, bufs: Vec<B>) -> BufResult<(), Vec<B>> {
+        let total: usize = bufs.iter().map(IoBuf::bytes_init).sum();
+        let mut done = 0usize;
+        let mut bufs = bufs;
+        while done < total {
+            let mut skip = done;
+            let iov: Box<[libc::iovec]> = bufs
+                .iter()
+                .filter_map(|b| {
+                    let len = b.bytes_init();
+                    if skip >= len {
+                        skip -= len;
+                        return None;
+                    }
+                    let from = std::mem::take(&mut skip);
+                    Some(libc::iovec {
+                        // SAFETY: `from < len`, within the buffer's
+                        // initialized bytes.
+                        iov_base: unsafe { b.stable_ptr().add(from) } as *mut libc::c_void,
+                        iov_len: len - from,
+                    })
+                })
+                .collect();
+            let (res, b) = Op::new(MsgOp {
+                fd: self.raw_fd(),
+                bufs,
+                iov,
+                // SAFETY: all-zero is a valid msghdr.
+                msg: Box::new(unsafe { zeroed() }),
+                send: true,
+            })
+            .await;
+            bufs = b;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), bufs),
+                Ok(n) => done += n,
+                Err(e) => return (Err(e), bufs),
+            }
+        }
+        (Ok(()), bufs)
+    }
+
     /// Receives into the buffers in order with one `recvmsg(2)`.
     pub async fn recv_vectored<B: IoBufMut>(&self, mut bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
         let iov: Box<[libc::iovec]> = bufs

@@ -702,3 +702,51 @@ fn send_zc_learns_that_loopback_copies_and_delivers_every_byte() {
     assert_eq!(got.len(), want.len());
     assert!(got == want, "stream corrupted");
 }
+
+#[test]
+fn vectored_send_all_sends_every_piece_in_order_across_short_sends() {
+    let engine = engine(1);
+    let (l, addr) = listener();
+    // A reader that drains slowly, so the sender's socket buffer fills and
+    // sendmsg returns short counts that end mid-piece.
+    let reader = std::thread::spawn(move || -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(LIMIT))?;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 7 * 1024];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() < (2 << 20) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+    // Pieces of odd sizes, one empty, some large.
+    let sizes = [40usize, 3 << 20, 0, 1, 4096 + 17, 5 << 20, 32];
+    let pieces: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, i as u64 + 1))
+        .collect();
+    let want = pieces.concat();
+    let h = engine
+        .spawn_on(0, move || async move {
+            let c = LocalTcpStream::connect(addr).await?;
+            let (r, back) = c.send_all_vectored(pieces).await;
+            r?;
+            c.shutdown(Shutdown::Write).await?;
+            Ok::<_, io::Error>(back.iter().map(Vec::len).collect::<Vec<_>>())
+        })
+        .expect("spawn sender");
+    let back = wait(h).expect("sender task").expect("sender io");
+    assert_eq!(back, sizes, "the buffers come back as they went");
+    let got = reader.join().expect("reader thread").expect("reader io");
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "bytes differ");
+    engine.shutdown(Duration::from_secs(1)).expect("shutdown");
+}

@@ -4,10 +4,13 @@
 
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
-use dwcp_codec::frame::CHECKSUM_LEN;
-use dwcp_engine::{LocalTcpStream, Slice, timeout};
+use dwcp_codec::frame::{CHECKSUM_LEN, HEADER_LEN as FRAME_HEADER_LEN};
+use dwcp_engine::{IoBuf, LocalTcpStream, Slice, timeout};
+
+use crate::session::Source;
 
 use crate::auth::Tagger;
 use crate::error::{TransportError, WireError};
@@ -28,6 +31,67 @@ pub(crate) struct MsgWriter {
     stream: Rc<LocalTcpStream>,
     tagger: Option<Tagger>,
     pub(crate) peer: String,
+}
+
+/// Bytes of an in-memory [`Source`], handed to the kernel where they lie.
+pub(crate) struct SourceBytes {
+    /// Keeps the bytes alive (and unmoved) while the kernel reads them.
+    _source: Arc<dyn Source>,
+    ptr: *const u8,
+    len: usize,
+}
+
+impl SourceBytes {
+    /// `range` of `source`'s bytes, when it has them in memory
+    /// ([`Source::as_slice`]) and the range lies within them.
+    pub(crate) fn new(source: Arc<dyn Source>, range: std::ops::Range<usize>) -> Option<Self> {
+        let bytes = source.as_slice()?.get(range)?;
+        let (ptr, len) = (bytes.as_ptr(), bytes.len());
+        Some(SourceBytes {
+            _source: source,
+            ptr,
+            len,
+        })
+    }
+}
+
+// SAFETY: `ptr..ptr + len` came from `Source::as_slice` on the source held
+// in `_source`: a shared borrow of memory the source owns (or 'static
+// memory). The `Arc` keeps the source alive and only ever lends it out
+// shared, so that memory is neither freed, moved nor, through safe code,
+// written while this value lives; `as_slice` promises bytes that cannot
+// change.
+unsafe impl IoBuf for SourceBytes {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    fn bytes_init(&self) -> usize {
+        self.len
+    }
+}
+
+/// One piece of a `DATA` message sent in pieces.
+pub(crate) enum Piece {
+    /// A prefix of one of our buffers.
+    Buf(Slice<Vec<u8>>),
+    /// Payload bytes straight from the source.
+    Source(SourceBytes),
+}
+
+// SAFETY: each variant is an `IoBuf` whose guarantees it passes on as is.
+unsafe impl IoBuf for Piece {
+    fn stable_ptr(&self) -> *const u8 {
+        match self {
+            Piece::Buf(b) => b.stable_ptr(),
+            Piece::Source(s) => s.stable_ptr(),
+        }
+    }
+    fn bytes_init(&self) -> usize {
+        match self {
+            Piece::Buf(b) => b.bytes_init(),
+            Piece::Source(s) => s.bytes_init(),
+        }
+    }
 }
 
 /// The largest body a connection that carries data frames of up to
@@ -277,6 +341,78 @@ impl MsgWriter {
             r.map_err(|e| io_err(&self.peer, "sending data", e)),
             buf.into_inner(),
         )
+    }
+
+    /// Sends a `DATA` message whose codec frame is a stored chunk, in three
+    /// pieces and without copying its payload: `head` holds `HEADER_LEN`
+    /// bytes of room for the header, the fixed fields and the codec frame's
+    /// header; `payload` is the chunk as it lies in its source; `tail` holds
+    /// the frame's checksum and `TAG_LEN` bytes of room for the tag. The
+    /// bytes on the wire are those [`MsgWriter::send_data`] sends for the
+    /// same frame. Returns `head` and `tail`.
+    pub(crate) async fn send_data_stored(
+        &mut self,
+        head: Vec<u8>,
+        payload: SourceBytes,
+        tail: Vec<u8>,
+    ) -> (Result<(), TransportError>, Vec<u8>, Vec<u8>) {
+        let fixed_end = HEADER_LEN + DATA_FIXED_LEN;
+        let head_len = fixed_end + FRAME_HEADER_LEN;
+        let tail_len = CHECKSUM_LEN + TAG_LEN;
+        let Some(t) = self.tagger.as_mut() else {
+            return (
+                Err(TransportError::Config("DATA before the handshake".into())),
+                head,
+                tail,
+            );
+        };
+        if head.len() < head_len || tail.len() < tail_len {
+            return (
+                Err(TransportError::Config(format!(
+                    "DATA pieces of {} and {} bytes around a stored chunk",
+                    head.len(),
+                    tail.len()
+                ))),
+                head,
+                tail,
+            );
+        }
+        let body_len = DATA_FIXED_LEN + FRAME_HEADER_LEN + payload.len + tail_len;
+        let Ok(len) = u32::try_from(body_len) else {
+            return (
+                Err(TransportError::Config(format!(
+                    "DATA body of {body_len} bytes"
+                ))),
+                head,
+                tail,
+            );
+        };
+        let header = Header {
+            kind: Kind::Data,
+            len,
+        };
+        let (mut head, mut tail) = (head, tail);
+        head[..HEADER_LEN].copy_from_slice(&header.write());
+        let tag = t.seal(
+            &header,
+            &[&head[HEADER_LEN..fixed_end], &tail[..CHECKSUM_LEN]],
+        );
+        tail[CHECKSUM_LEN..tail_len].copy_from_slice(&tag);
+        let pieces = vec![
+            Piece::Buf(Slice::new(head, 0..head_len)),
+            Piece::Source(payload),
+            Piece::Buf(Slice::new(tail, 0..tail_len)),
+        ];
+        let (r, mut pieces) = self.stream.send_all_vectored(pieces).await;
+        let r = r.map_err(|e| io_err(&self.peer, "sending data", e));
+        let back = |p: Option<Piece>| match p {
+            Some(Piece::Buf(b)) => b.into_inner(),
+            _ => Vec::new(),
+        };
+        let tail = back(pieces.pop());
+        pieces.pop();
+        let head = back(pieces.pop());
+        (r, head, tail)
     }
 
     /// The socket.

@@ -552,12 +552,17 @@ impl Sender {
             while !st.bye && st.failed.is_none() && Instant::now() < bye_deadline {
                 st = wait(&self.shared.cond, st, Duration::from_millis(100));
             }
-            st.closing = true;
-            st.wake_all();
             st.bye
         };
-        self.shared.control.close();
+        // Before the streams are told to close: once told, they go, and the
+        // figures would count none.
         let metrics = self.metrics();
+        {
+            let mut st = lock(&self.shared.state);
+            st.closing = true;
+            st.wake_all();
+        }
+        self.shared.control.close();
         self.stop();
         if bye {
             Ok(metrics)
@@ -1124,6 +1129,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
     let fixed_end = wire::HEADER_LEN + wire::DATA_FIXED_LEN;
     let mut buf = vec![0u8; fixed_end + max_frame + wire::TAG_LEN];
     let mut data = vec![0u8; chunk];
+    let mut tail = vec![0u8; dwcp_codec::frame::CHECKSUM_LEN + wire::TAG_LEN];
     let result: Result<bool, TransportError> = async {
         loop {
             let c = match next_chunk(shared, i).await {
@@ -1143,6 +1149,8 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             } else {
                 (None, None)
             };
+            // Where the chunk lies in an in-memory source, if it does.
+            let mut in_memory = None;
             let bytes: &[u8] = match &c.data {
                 Some(d) => d,
                 None => {
@@ -1154,8 +1162,10 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                     let src = held.insert(src);
                     // Memory sources are encoded where they lie.
                     let direct = usize::try_from(c.offset).ok().and_then(|off| {
-                        src.as_slice()
-                            .and_then(|s| s.get(off..off.checked_add(len)?))
+                        let range = off..off.checked_add(len)?;
+                        let s = src.as_slice()?.get(range.clone())?;
+                        in_memory = Some((src.clone(), range));
+                        Some(s)
                     });
                     match direct {
                         Some(s) => s,
@@ -1190,7 +1200,26 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             // A region chunk's checksum covers its BLAKE3 subtree at its
             // offset; an in-memory region's digest is assembled from those.
             let at = (c.addressing == Addressing::Region).then_some(c.offset);
-            let (stats, digest) = enc.encode_chunk_at(bytes, c.id, at, &mut buf[fixed_end..])?;
+            // Stored chunks of in-memory sources go to the kernel from where
+            // they lie, between a head and a tail of our own: one copy of
+            // the payload fewer than assembling the frame.
+            let stored_from = match in_memory {
+                Some((src, range)) if matches!(cfg.policy, Policy::Stored) => {
+                    conn::SourceBytes::new(src, range)
+                }
+                _ => None,
+            };
+            let frame_head = fixed_end..fixed_end + dwcp_codec::frame::HEADER_LEN;
+            let (stats, digest) = match &stored_from {
+                Some(_) => enc.encode_stored_chunk_at(
+                    bytes,
+                    c.id,
+                    at,
+                    &mut buf[frame_head],
+                    &mut tail[..dwcp_codec::frame::CHECKSUM_LEN],
+                )?,
+                None => enc.encode_chunk_at(bytes, c.id, at, &mut buf[fixed_end..])?,
+            };
             if let Some(tree) = held_tree {
                 crate::memory::record_digested(&tree, c.offset, bytes, &digest);
             }
@@ -1215,8 +1244,18 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             {
                 let _ = sleep(d).await;
             }
-            let (res, b) = w.send_data(buf, frame_len).await;
-            buf = b;
+            let res = match stored_from {
+                Some(payload) => {
+                    let (res, h, t) = w.send_data_stored(buf, payload, tail).await;
+                    (buf, tail) = (h, t);
+                    res
+                }
+                None => {
+                    let (res, b) = w.send_data(buf, frame_len).await;
+                    buf = b;
+                    res
+                }
+            };
             res?;
             Metrics::add(&shared.metrics.wire_bytes, wire_len);
         }
