@@ -852,6 +852,25 @@ fn chunk_frames_structured(inp: &mut Input<'_>) {
     assert_eq!(stats.frame_bytes, frame.len() as u64);
     let mut small = vec![0u8; dwcp_codec::max_chunk_frame_len(data.len()) - 1];
     assert!(enc.encode_chunk_into(&data, seq, &mut small).is_err());
+    // The stored frame in three pieces (what a sender hands `sendmsg`) is
+    // the stored frame, whatever this encoder's policy.
+    let offset = (c & 0x40 != 0).then(|| inp.u64() & !0xfff);
+    let mut head = [0u8; dwcp_codec::frame::HEADER_LEN];
+    let mut sum = [0u8; dwcp_codec::frame::CHECKSUM_LEN];
+    let (pstats, pdigest) = enc
+        .encode_stored_chunk_at(&data, seq, offset, &mut head, &mut sum)
+        .unwrap_or_else(|e| panic!("the encoder refused a stored chunk: {e}"));
+    let mut stored = Encoder::new(&config, Policy::Stored).expect("valid policy");
+    let mut whole = vec![0u8; dwcp_codec::max_chunk_frame_len(data.len())];
+    let (wstats, wdigest) = stored
+        .encode_chunk_at(&data, seq, offset, &mut whole)
+        .unwrap_or_else(|e| panic!("the encoder refused a chunk: {e}"));
+    whole.truncate(wstats.frame_bytes as usize);
+    assert!(
+        [&head[..], &data[..], &sum[..]].concat() == whole,
+        "stored pieces differ from the stored frame"
+    );
+    assert_eq!((pstats, pdigest), (wstats, wdigest));
     match dec.decode_chunk(&frame) {
         Ok((s, bytes)) => assert!(s == seq && bytes == data, "chunk did not round-trip"),
         Err(e) => panic!("a chunk frame was rejected: {e} ({e:?})"),
