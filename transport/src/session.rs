@@ -145,7 +145,10 @@ pub trait Source: Send + Sync + 'static {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// All of its bytes, when they are in memory and cannot change: chunks
     /// are then encoded from where they lie instead of being copied out
-    /// first.
+    /// first, and a stored chunk is handed to the kernel from there, while
+    /// the session holds the source (so the bytes must be the same memory,
+    /// unchanged, for as long as the source lives: borrowed from `self` or
+    /// `'static`, as safe code gives).
     fn as_slice(&self) -> Option<&[u8]> {
         None
     }
