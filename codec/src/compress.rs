@@ -432,10 +432,13 @@ impl Decompressors {
                 return Ok(());
             }
             Compression::Lz4 => {
-                lz4_flex::block::decompress_into(src, dst).map_err(|e| DecodeError::Decompress {
+                // Our decoder (crate::lz4): safe like lz4_flex's, with wide
+                // copies; it fills `dst` exactly or fails.
+                crate::lz4::decompress_into(src, dst).map_err(|e| DecodeError::Decompress {
                     codec: "lz4",
                     reason: e.to_string(),
-                })?
+                })?;
+                dst.len()
             }
             Compression::Zstd => {
                 let zstd_err = |e: std::io::Error| DecodeError::Decompress {
