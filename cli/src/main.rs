@@ -228,8 +228,9 @@ struct MigrateArgs {
     /// Destination: how long to run the guest after it arrives.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     run_after: Duration,
-    /// Destination: do not allocate all guest RAM before listening (pages
-    /// are then allocated as they arrive, with a page fault each).
+    /// Destination: do not allocate all guest RAM and the page codec's
+    /// state before listening (pages are then allocated as they arrive,
+    /// with a page fault each).
     #[arg(long)]
     no_prealloc: bool,
     /// Source: send round 0 through stateless page encoders (its pages

@@ -115,8 +115,9 @@ pub struct MigrateOptions {
     pub rate_limit_bps: u64,
     /// How long the destination runs the guest after it arrives.
     pub run_after: Duration,
-    /// Destination: allocate all guest RAM before listening
-    /// ([`KvmGuest::preallocate`]).
+    /// Destination: allocate all guest RAM ([`KvmGuest::preallocate`])
+    /// and the page codec's state ([`Incoming::preallocate_state`])
+    /// before listening.
     pub prealloc: bool,
     /// Source: round 0 through stateless encoders (not
     /// [`MigrateConfig::round0_codec_state`]).
@@ -333,6 +334,17 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
     }
     let dst = Arc::new(Mutex::new(dst));
     let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
+    if o.prealloc {
+        // The page decoders' state too, for the same reason.
+        let (bytes, t) = incoming.preallocate_state(o.ram);
+        if !o.json {
+            eprintln!(
+                "destination: allocated {} MiB of codec state in {:.0} ms",
+                bytes >> 20,
+                t.as_secs_f64() * 1e3
+            );
+        }
+    }
     let engine = Engine::builder().build().context("starting the engine")?;
     let recv = Receiver::bind(
         &engine,

@@ -183,6 +183,15 @@ impl Decoder {
         self.store.prefault();
     }
 
+    /// Takes `arena` as the memory of its state, when it holds no state
+    /// yet (else returns it): memory the caller made ready before a session
+    /// began (allocated and touched while nothing was waiting), so that the
+    /// first frames do not pay for its page faults. Its contents do not
+    /// matter; the state limit stays what it was.
+    pub fn adopt_arena(&mut self, arena: Vec<u8>) -> Result<(), Vec<u8>> {
+        self.store.adopt_arena(arena)
+    }
+
     /// Bytes of page content held as state now.
     pub fn state_bytes(&self) -> usize {
         self.store.retained_bytes()

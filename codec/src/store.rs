@@ -90,6 +90,17 @@ impl Store {
         }
     }
 
+    /// Uses `arena` as the arena when nothing was ever placed in this one
+    /// (else gives it back). Only bytes written by a frame are ever read,
+    /// so what `arena` holds does not matter.
+    pub(crate) fn adopt_arena(&mut self, arena: Vec<u8>) -> Result<(), Vec<u8>> {
+        if !self.arena.is_empty() || !self.frames.is_empty() || self.current.is_some() {
+            return Err(arena);
+        }
+        self.arena = arena;
+        Ok(())
+    }
+
     /// Bytes of page content currently retained.
     pub(crate) fn retained_bytes(&self) -> usize {
         self.frames.iter().map(|f| f.len).sum()

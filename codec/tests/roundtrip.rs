@@ -77,6 +77,17 @@ fn policies() -> Vec<Policy> {
 
 /// Runs frames through an encoder/decoder pair and checks every page.
 fn run(frames: &[Vec<(u64, Gen)>], policy: Policy, state_limit: usize, key: Option<SessionKey>) {
+    run_with(frames, policy, state_limit, key, None);
+}
+
+/// [`run`], the decoder first adopting `arena` as its state's memory.
+fn run_with(
+    frames: &[Vec<(u64, Gen)>],
+    policy: Policy,
+    state_limit: usize,
+    key: Option<SessionKey>,
+    arena: Option<Vec<u8>>,
+) {
     let base_img: Vec<u8> = (0..4u64).flat_map(|s| fill(1000 + s, s % 2 == 0)).collect();
     let baseline = Baseline::from_image(PageSize::DEFAULT, &base_img).unwrap();
     let config = CodecConfig {
@@ -87,6 +98,9 @@ fn run(frames: &[Vec<(u64, Gen)>], policy: Policy, state_limit: usize, key: Opti
     let mut enc = Encoder::new(&config, policy).unwrap();
     enc.set_baseline(baseline.advertise()).unwrap();
     let mut dec = Decoder::new(&config);
+    if let Some(a) = arena {
+        assert!(dec.adopt_arena(a).is_ok(), "a fresh decoder takes an arena");
+    }
     dec.set_baseline(baseline).unwrap();
     let mut history: Vec<Vec<u8>> = vec![fill(1, false)];
     let mut frame = Vec::new();
@@ -175,6 +189,19 @@ proptest! {
     #[test]
     fn round_trip_small_state_evicts_in_step(frames in frames_strategy(), pages in 0usize..20, p in 0usize..5) {
         run(&frames, policies()[p], pages * PS + (pages % 3) * 100, None);
+    }
+
+    #[test]
+    fn round_trip_with_an_adopted_arena_of_garbage(
+        frames in frames_strategy(),
+        pages in 0usize..40,
+        size in 0usize..3,
+        p in 0usize..5,
+    ) {
+        // Smaller than the state, as large, or larger; its bytes are noise.
+        let limit = pages * PS + 100;
+        let len = [limit / 3, limit, 2 * limit + 5][size];
+        run_with(&frames, policies()[p], limit, None, Some(vec![0xa5; len]));
     }
 
     #[test]
@@ -574,5 +601,43 @@ fn a_stored_chunk_in_three_pieces_is_the_stored_frame_byte_for_byte() {
     assert!(
         enc.encode_stored_chunk_at(&data[..10], 1, None, &mut head, &mut sum)
             .is_err()
+    );
+}
+
+#[test]
+fn a_decoder_with_state_keeps_its_arena() {
+    let config = CodecConfig::default();
+    let mut enc = Encoder::new(&config, Policy::Datacenter).unwrap();
+    let mut dec = Decoder::new(&config);
+    let page = fill(9, true);
+    let mut frame = Vec::new();
+    enc.encode_pages(
+        &[PageRef {
+            index: 3,
+            data: &page,
+        }],
+        &mut frame,
+    )
+    .unwrap();
+    dec.decode_pages(&frame).unwrap();
+    let back = dec.adopt_arena(vec![1; 4 * PS]).unwrap_err();
+    assert_eq!(back.len(), 4 * PS, "the offered arena comes back untouched");
+    // And what it holds still serves a reference.
+    enc.encode_pages(
+        &[PageRef {
+            index: 4,
+            data: &page,
+        }],
+        &mut frame,
+    )
+    .unwrap();
+    let d = dec.decode_pages(&frame).unwrap();
+    assert_eq!(d.stats.reference, 1);
+    assert_eq!(
+        d.iter().collect::<Vec<_>>(),
+        vec![DecodedPage::Data {
+            index: 4,
+            bytes: &page[..]
+        }]
     );
 }

@@ -1222,6 +1222,9 @@ pub struct Incoming {
 
 struct DestShared {
     mem: MemorySink,
+    /// Memory made ready for the page decoders' state before the session
+    /// ([`Incoming::preallocate_state`]); each new decoder takes one.
+    arenas: Mutex<Vec<Vec<u8>>>,
     state: Mutex<DestState>,
     cond: Condvar,
 }
@@ -1347,6 +1350,7 @@ impl Incoming {
     pub fn with_fault(hv: Box<dyn DestHypervisor>, limit: u64, corrupt: Option<u64>) -> Self {
         let shared = Arc::new(DestShared {
             mem: MemorySink::new(limit),
+            arenas: Mutex::new(Vec::new()),
             state: Mutex::new(DestState::default()),
             cond: Condvar::new(),
         });
@@ -1384,6 +1388,35 @@ impl Incoming {
             })
             .ok();
         Incoming { shared, applier }
+    }
+
+    /// Allocates, before any session arrives, the memory the page
+    /// decoders will keep their state in, as a source with the default
+    /// [`MigrateConfig`] asks for `guest_bytes` of guest memory
+    /// ([`default_codec_state`]), and touches every page of it: its page
+    /// faults (about 2.5 us per 4 KiB here) then happen while nothing
+    /// waits, instead of on the applier while pages arrive. Returns what it
+    /// allocated and how long it took. Costs that memory from now on; a
+    /// source with other settings still works (a decoder grows what it
+    /// got, or allocates its own).
+    pub fn preallocate_state(&self, guest_bytes: u64) -> (usize, Duration) {
+        let start = Instant::now();
+        let shards = MigrateConfig::default().shards.max(1);
+        let each = default_codec_state(guest_bytes, shards) / shards;
+        let mut arenas = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let mut a: Vec<u8> = Vec::new();
+            if a.try_reserve_exact(each).is_err() {
+                break;
+            }
+            // Written, not just reserved: the kernel provides each page
+            // at its first write.
+            a.resize(each, 0);
+            arenas.push(a);
+        }
+        let bytes = arenas.iter().map(Vec::len).sum();
+        lock(&self.shared.arenas).extend(arenas);
+        (bytes, start.elapsed())
     }
 
     /// The sink to give to [`dwcp_transport::Receiver::bind`].
@@ -1769,10 +1802,17 @@ fn apply_loop(
             let (flags, bytes) = held.remove(&(shard, seq)).unwrap_or_default();
             let s = usize::from(shard);
             while decoders.len() <= s {
-                decoders.push(Decoder::new(&CodecConfig {
+                let mut dec = Decoder::new(&CodecConfig {
                     state_limit: codec.state_limit,
                     ..CodecConfig::default()
-                }));
+                });
+                if codec.state_limit > 0
+                    && let Some(a) = lock(&shared.arenas).pop()
+                {
+                    // A fresh decoder takes it; the error case cannot occur.
+                    let _ = dec.adopt_arena(a);
+                }
+                decoders.push(dec);
                 stateless.push(None);
                 next.push(0);
             }

@@ -146,6 +146,15 @@ fn assert_discarded(
 
 #[test]
 fn a_synthetic_guest_moves_live_without_kvm() {
+    synthetic_guest_moves_live(false);
+}
+
+#[test]
+fn a_destination_with_its_codec_state_allocated_in_advance_decodes_the_same() {
+    synthetic_guest_moves_live(true);
+}
+
+fn synthetic_guest_moves_live(prealloc: bool) {
     let mut src = SyntheticGuest::source(64 << 20, 30, 3).unwrap();
     let dst = Arc::new(Mutex::new(
         SyntheticGuest::destination(64 << 20, 30).unwrap(),
@@ -158,6 +167,13 @@ fn a_synthetic_guest_moves_live_without_kvm() {
         }),
         1 << 30,
     );
+    if prealloc {
+        let (bytes, _) = incoming.preallocate_state(64 << 20);
+        assert_eq!(
+            bytes,
+            precopy::default_codec_state(64 << 20, MigrateConfig::default().shards)
+        );
+    }
     let (recv, sender, _rx, _tx) = session(&incoming);
     std::thread::sleep(Duration::from_millis(100));
     let report = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {}).unwrap();
