@@ -101,7 +101,7 @@ fn demo<G: Guest>(o: &DemoOptions, mut src: G, dst: G, kind: &str) -> Result<()>
     let dst = Arc::new(Mutex::new(dst));
     let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
     // As `dwcp migrate --incoming` does by default.
-    incoming.preallocate_state(o.ram as u64);
+    incoming.preallocate_state(&MigrateConfig::default(), o.ram as u64);
     let key = Key::generate().context("making a fresh key")?;
     let rx_engine = Engine::builder().workers(1).build()?;
     let tx_engine = Engine::builder().workers(1).build()?;

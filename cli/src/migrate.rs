@@ -336,7 +336,7 @@ fn destination(o: &MigrateOptions, guest: GuestConfig, listen: &str) -> Result<(
     let incoming = Incoming::new(Box::new(dst.clone()), 2 << 30);
     if o.prealloc {
         // The page decoders' state too, for the same reason.
-        let (bytes, t) = incoming.preallocate_state(o.ram);
+        let (bytes, t) = incoming.preallocate_state(&MigrateConfig::default(), o.ram);
         if !o.json {
             eprintln!(
                 "destination: allocated {} MiB of codec state in {:.0} ms",

@@ -1400,6 +1400,9 @@ static int run_destination(const struct opts *o, const uint8_t *key) {
   /* Fresh anonymous memory that nothing wrote yet: libdwcp need not read it
    * all to zero what is not zero. */
   mo.dest_memory_zero = true;
+  /* Its page codec state too, before the source connects (as the guest RAM
+   * is). */
+  mo.dest_prealloc_state = true;
   dwcp_region region = {.gpa = 0,
                         .host = g.ram,
                         .len = g.layout.ram,

@@ -2010,9 +2010,11 @@ static void migration_opts(dwcp_migration_options *o, round_log *rounds) {
 }
 
 /* A destination listening on loopback with g_key. */
-static dwcp_migration *dest_listening(fake_vm *dst, char *addr, size_t cap) {
+static dwcp_migration *dest_listening_with(fake_vm *dst, char *addr, size_t cap,
+                                           bool prealloc_state) {
     dwcp_migration_options mo;
     migration_opts(&mo, NULL);
+    mo.dest_prealloc_state = prealloc_state;
     dwcp_migration *m = NULL;
     CHECK_OK(dwcp_migration_dest_new(g_rx, dst->r, dst->n, &DEST_CBS, dst, &mo, &m));
     CHECK(m != NULL);
@@ -2023,6 +2025,10 @@ static dwcp_migration *dest_listening(fake_vm *dst, char *addr, size_t cap) {
     CHECK_OK(dwcp_migration_local_addr(m, addr, cap, &n));
     CHECK(n == strlen(addr) && strncmp(addr, "127.0.0.1:", 10) == 0);
     return m;
+}
+
+static dwcp_migration *dest_listening(fake_vm *dst, char *addr, size_t cap) {
+    return dest_listening_with(dst, addr, cap, false);
 }
 
 static void migration_connect_opts(dwcp_connect_options *o) {
@@ -2144,7 +2150,8 @@ typedef struct {
     bool report_matches_source, memory_matches_report, bytes_match;
 } simple_result;
 
-static simple_result migrate_simple(const layout *lay, uint8_t dst_fill, bool round0_state) {
+static simple_result migrate_simple(const layout *lay, uint8_t dst_fill, bool round0_state,
+                                    bool prealloc_state) {
     simple_result res;
     memset(&res, 0, sizeof res);
     fake_vm src, dst;
@@ -2154,7 +2161,7 @@ static simple_result migrate_simple(const layout *lay, uint8_t dst_fill, bool ro
     for (size_t i = 0; i < dst.n; i++)
         memset(dst.r[i].host, dst_fill, dst.r[i].len);
     char addr[64];
-    dwcp_migration *dm = dest_listening(&dst, addr, sizeof addr);
+    dwcp_migration *dm = dest_listening_with(&dst, addr, sizeof addr, prealloc_state);
     waiter w;
     waiter_start(&w, dm);
     dwcp_migration_options mo;
@@ -2193,7 +2200,7 @@ static simple_result migrate_simple(const layout *lay, uint8_t dst_fill, bool ro
  * ask for zeroed memory, and the incoming report's digest is meant to be
  * the digest of the destination's memory. */
 static void test_migration_dirty_destination(void) {
-    simple_result r = migrate_simple(&SMALL_LAYOUT, 0x5A, true);
+    simple_result r = migrate_simple(&SMALL_LAYOUT, 0x5A, true, false);
     CHECKF(r.st == DWCP_STATUS_OK, "migrate_to: %s: %s", dwcp_status_name(r.st), r.err);
     CHECK(r.report_matches_source);
     CHECKF(r.memory_matches_report && r.bytes_match,
@@ -2206,7 +2213,15 @@ static void test_migration_dirty_destination(void) {
 /* The same with round 0 sent through stateless encoders (the default
  * keeps it in the codec state): the other kind of page batch. */
 static void test_migration_round0_stateless(void) {
-    simple_result r = migrate_simple(&SMALL_LAYOUT, 0, false);
+    simple_result r = migrate_simple(&SMALL_LAYOUT, 0, false, false);
+    CHECKF(r.st == DWCP_STATUS_OK, "migrate_to: %s: %s", dwcp_status_name(r.st), r.err);
+    CHECK(r.report_matches_source && r.memory_matches_report && r.bytes_match);
+}
+
+/* A destination that allocated its page codec state in advance decodes
+ * into it (its arenas hold no meaningful bytes). */
+static void test_migration_dest_prealloc_state(void) {
+    simple_result r = migrate_simple(&SMALL_LAYOUT, 0, true, true);
     CHECKF(r.st == DWCP_STATUS_OK, "migrate_to: %s: %s", dwcp_status_name(r.st), r.err);
     CHECK(r.report_matches_source && r.memory_matches_report && r.bytes_match);
 }
@@ -2504,7 +2519,7 @@ static void test_migration_api_errors(void) {
     CHECK(mo.allow_throttle && mo.mode == DWCP_MODE_DATACENTER && mo.shards == 2);
     CHECK(mo.max_device_state == 1 << 20 && mo.max_buffered == (uint64_t)1 << 30);
     CHECK(mo.link_rate == 0 && mo.on_round == NULL && mo.on_round_user == NULL);
-    CHECK(mo.codec_state == 0 && mo.round0_codec_state);
+    CHECK(mo.codec_state == 0 && mo.round0_codec_state && !mo.dest_prealloc_state);
     CHECK_ST(DWCP_STATUS_NULL_ARGUMENT, dwcp_migration_options_default(NULL));
 
     dwcp_migration *sentinel = (dwcp_migration *)(uintptr_t)0x808, *m = sentinel;
@@ -2840,6 +2855,8 @@ int main(int argc, char **argv) {
         run("migration throttled", test_migration_throttled);
     run("migration dirty destination", test_migration_dirty_destination);
     run("migration round 0 stateless", test_migration_round0_stateless);
+    run("migration with the destination's codec state allocated first",
+        test_migration_dest_prealloc_state);
     run("migration failures", test_migration_failures);
     run("migration no destination", test_migration_no_destination);
 

@@ -1391,22 +1391,31 @@ impl Incoming {
     }
 
     /// Allocates, before any session arrives, the memory the page
-    /// decoders will keep their state in, as a source with the default
-    /// [`MigrateConfig`] asks for `guest_bytes` of guest memory
-    /// ([`default_codec_state`]), and touches every page of it: its page
-    /// faults (about 2.5 us per 4 KiB here) then happen while nothing
-    /// waits, instead of on the applier while pages arrive. Returns what it
-    /// allocated and how long it took. Costs that memory from now on; a
-    /// source with other settings still works (a decoder grows what it
-    /// got, or allocates its own).
-    pub fn preallocate_state(&self, guest_bytes: u64) -> (usize, Duration) {
+    /// decoders will keep their state in when the source migrates
+    /// `guest_bytes` of guest memory with `cfg`'s shards and codec state
+    /// ([`default_codec_state`] unless set), and touches every page of it:
+    /// its page faults (about 2.5 us per 4 KiB here) then happen while
+    /// nothing waits, instead of on the applier while pages arrive. Returns
+    /// what it allocated and how long it took. Costs that memory from now
+    /// on; a source with other settings still works (a decoder grows what
+    /// it got, or allocates its own).
+    pub fn preallocate_state(&self, cfg: &MigrateConfig, guest_bytes: u64) -> (usize, Duration) {
         let start = Instant::now();
-        let shards = MigrateConfig::default().shards.max(1);
-        let each = default_codec_state(guest_bytes, shards) / shards;
+        let shards = cfg.shards.clamp(1, MAX_SHARDS);
+        let total = cfg
+            .codec_state
+            .unwrap_or_else(|| default_codec_state(guest_bytes, shards))
+            // At most what the destination accepts (`CodecSettings::decode`).
+            .min(
+                usize::try_from(guest_bytes)
+                    .unwrap_or(usize::MAX)
+                    .max(shards * (64 << 20)),
+            );
+        let each = total / shards;
         let mut arenas = Vec::with_capacity(shards);
         for _ in 0..shards {
             let mut a: Vec<u8> = Vec::new();
-            if a.try_reserve_exact(each).is_err() {
+            if each == 0 || a.try_reserve_exact(each).is_err() {
                 break;
             }
             // Written, not just reserved: the kernel provides each page

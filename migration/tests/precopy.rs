@@ -168,7 +168,7 @@ fn synthetic_guest_moves_live(prealloc: bool) {
         1 << 30,
     );
     if prealloc {
-        let (bytes, _) = incoming.preallocate_state(64 << 20);
+        let (bytes, _) = incoming.preallocate_state(&MigrateConfig::default(), 64 << 20);
         assert_eq!(
             bytes,
             precopy::default_codec_state(64 << 20, MigrateConfig::default().shards)
