@@ -1409,7 +1409,7 @@ impl Incoming {
             .min(
                 usize::try_from(guest_bytes)
                     .unwrap_or(usize::MAX)
-                    .max(shards * (64 << 20)),
+                    .max(shards.saturating_mul(64 << 20)),
             );
         let each = total / shards;
         let mut arenas = Vec::with_capacity(shards);
