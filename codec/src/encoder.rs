@@ -20,6 +20,17 @@ pub struct PageRef<'a> {
     pub data: &'a [u8],
 }
 
+/// Refuses a chunk longer than one frame may carry.
+fn check_chunk_len(data: &[u8]) -> Result<(), CodecError> {
+    if data.len() > MAX_FRAME_INPUT {
+        return Err(CodecError::InvalidInput(format!(
+            "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What one frame held, per page kind, and its size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrameStats {
@@ -384,12 +395,7 @@ impl Encoder {
         offset: Option<u64>,
         out: &mut [u8],
     ) -> Result<(FrameStats, ChunkDigest), CodecError> {
-        if data.len() > MAX_FRAME_INPUT {
-            return Err(CodecError::InvalidInput(format!(
-                "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
-                data.len()
-            )));
-        }
+        check_chunk_len(data)?;
         let need = max_chunk_frame_len(data.len());
         if out.len() < need {
             return Err(CodecError::InvalidInput(format!(
@@ -430,12 +436,7 @@ impl Encoder {
         head: &mut [u8],
         sum: &mut [u8],
     ) -> Result<(FrameStats, ChunkDigest), CodecError> {
-        if data.len() > MAX_FRAME_INPUT {
-            return Err(CodecError::InvalidInput(format!(
-                "chunk of {} bytes, at most {MAX_FRAME_INPUT}",
-                data.len()
-            )));
-        }
+        check_chunk_len(data)?;
         let (Some(head), Some(sum)) = (head.get_mut(..HEADER_LEN), sum.get_mut(..CHECKSUM_LEN))
         else {
             return Err(CodecError::InvalidInput(format!(

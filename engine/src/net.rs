@@ -427,11 +427,45 @@ impl LocalTcpStream {
     /// Sends the buffers in order with one `sendmsg(2)`; may send less than
     /// all of them.
     pub async fn send_vectored<B: IoBuf>(&self, bufs: Vec<B>) -> BufResult<usize, Vec<B>> {
+        self.sendmsg_from(bufs, 0).await
+    }
+
+    /// Sends all of the buffers, in order, as one byte stream: `sendmsg(2)`
+    /// again from where a short send stopped, until every byte is out.
+    pub async fn send_all_vectored<B: IoBuf>(&self, bufs: Vec<B>) -> BufResult<(), Vec<B>> {
+        let total: usize = bufs.iter().map(IoBuf::bytes_init).sum();
+        let mut done = 0usize;
+        let mut bufs = bufs;
+        while done < total {
+            let (res, b) = self.sendmsg_from(bufs, done).await;
+            bufs = b;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), bufs),
+                Ok(n) => done += n,
+                Err(e) => return (Err(e), bufs),
+            }
+        }
+        (Ok(()), bufs)
+    }
+
+    /// One `sendmsg(2)` of the buffers' bytes after the first `skip`.
+    async fn sendmsg_from<B: IoBuf>(&self, bufs: Vec<B>, skip: usize) -> BufResult<usize, Vec<B>> {
+        let mut skip = skip;
         let iov: Box<[libc::iovec]> = bufs
             .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.stable_ptr() as *mut libc::c_void,
-                iov_len: b.bytes_init(),
+            .filter_map(|b| {
+                let len = b.bytes_init();
+                if skip >= len {
+                    skip -= len;
+                    return None;
+                }
+                let from = std::mem::take(&mut skip);
+                Some(libc::iovec {
+                    // SAFETY: `from < len`, within the buffer's initialized
+                    // bytes.
+                    iov_base: unsafe { b.stable_ptr().add(from) } as *mut libc::c_void,
+                    iov_len: len - from,
+                })
             })
             .collect();
         Op::new(MsgOp {
@@ -443,50 +477,6 @@ impl LocalTcpStream {
             send: true,
         })
         .await
-    }
-
-    /// Sends all of the buffers, in order, as one byte stream: `sendmsg(2)`
-    /// again from where a short send stopped, until every byte is out.
-    pub async fn send_all_vectored<B: IoBuf>(&self, bufs: Vec<B>) -> BufResult<(), Vec<B>> {
-        let total: usize = bufs.iter().map(IoBuf::bytes_init).sum();
-        let mut done = 0usize;
-        let mut bufs = bufs;
-        while done < total {
-            let mut skip = done;
-            let iov: Box<[libc::iovec]> = bufs
-                .iter()
-                .filter_map(|b| {
-                    let len = b.bytes_init();
-                    if skip >= len {
-                        skip -= len;
-                        return None;
-                    }
-                    let from = std::mem::take(&mut skip);
-                    Some(libc::iovec {
-                        // SAFETY: `from < len`, within the buffer's
-                        // initialized bytes.
-                        iov_base: unsafe { b.stable_ptr().add(from) } as *mut libc::c_void,
-                        iov_len: len - from,
-                    })
-                })
-                .collect();
-            let (res, b) = Op::new(MsgOp {
-                fd: self.raw_fd(),
-                bufs,
-                iov,
-                // SAFETY: all-zero is a valid msghdr.
-                msg: Box::new(unsafe { zeroed() }),
-                send: true,
-            })
-            .await;
-            bufs = b;
-            match res {
-                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), bufs),
-                Ok(n) => done += n,
-                Err(e) => return (Err(e), bufs),
-            }
-        }
-        (Ok(()), bufs)
     }
 
     /// Receives into the buffers in order with one `recvmsg(2)`.

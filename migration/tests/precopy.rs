@@ -104,9 +104,8 @@ fn slow_session(incoming: &Incoming) -> (Receiver, Sender, Engine, Engine) {
 /// guest started from, once started.
 type Started = Arc<Mutex<Option<[u8; 32]>>>;
 
-/// A synthetic destination, shared with the test, and its `Incoming`.
-fn synthetic_destination(ram: usize) -> (Arc<Mutex<SyntheticGuest>>, Started, Incoming) {
-    let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 30).unwrap()));
+/// An `Incoming` into `dst`, recorded, and what it records.
+fn recorded<G: DestHypervisor + Send + 'static>(dst: &Arc<Mutex<G>>) -> (Started, Incoming) {
     let started = Started::default();
     let incoming = Incoming::new(
         Box::new(Recorded {
@@ -115,6 +114,13 @@ fn synthetic_destination(ram: usize) -> (Arc<Mutex<SyntheticGuest>>, Started, In
         }),
         1 << 30,
     );
+    (started, incoming)
+}
+
+/// A synthetic destination, shared with the test, and its `Incoming`.
+fn synthetic_destination(ram: usize) -> (Arc<Mutex<SyntheticGuest>>, Started, Incoming) {
+    let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 30).unwrap()));
+    let (started, incoming) = recorded(&dst);
     (dst, started, incoming)
 }
 
@@ -156,17 +162,7 @@ fn a_destination_with_its_codec_state_allocated_in_advance_decodes_the_same() {
 
 fn synthetic_guest_moves_live(prealloc: bool) {
     let mut src = SyntheticGuest::source(64 << 20, 30, 3).unwrap();
-    let dst = Arc::new(Mutex::new(
-        SyntheticGuest::destination(64 << 20, 30).unwrap(),
-    ));
-    let digest = Arc::new(Mutex::new(None));
-    let incoming = Incoming::new(
-        Box::new(Recorded {
-            guest: dst.clone(),
-            digest: digest.clone(),
-        }),
-        1 << 30,
-    );
+    let (dst, digest, incoming) = synthetic_destination(64 << 20);
     if prealloc {
         let (bytes, _) = incoming.preallocate_state(&MigrateConfig::default(), 64 << 20);
         assert_eq!(
@@ -238,14 +234,7 @@ fn a_running_guest_moves_live_and_keeps_counting() {
     };
     let mut src = KvmGuest::source(cfg.clone()).unwrap();
     let dst = Arc::new(Mutex::new(KvmGuest::destination(cfg).unwrap()));
-    let digest = Arc::new(Mutex::new(None));
-    let incoming = Incoming::new(
-        Box::new(Recorded {
-            guest: dst.clone(),
-            digest: digest.clone(),
-        }),
-        1 << 30,
-    );
+    let (digest, incoming) = recorded(&dst);
     let (recv, sender, _rx, _tx) = session(&incoming);
     // Let the guest run a little first.
     std::thread::sleep(Duration::from_millis(200));
@@ -454,14 +443,7 @@ fn a_kvm_migration_cancelled_mid_way_leaves_the_source_running() {
     };
     let mut src = KvmGuest::source(cfg.clone()).unwrap();
     let dst = Arc::new(Mutex::new(KvmGuest::destination(cfg).unwrap()));
-    let started = Arc::new(Mutex::new(None));
-    let incoming = Incoming::new(
-        Box::new(Recorded {
-            guest: dst.clone(),
-            digest: started.clone(),
-        }),
-        1 << 30,
-    );
+    let (started, incoming) = recorded(&dst);
     // 64 MiB at 50 Mbit/s: round 0 takes seconds.
     let (recv, sender, _rx, _tx) = session_with(
         &incoming,
@@ -649,14 +631,7 @@ fn pages_reported_dirty_but_unchanged_since_round_0_are_not_sent_again() {
             at_second: AtSecondRead::ReportAll,
         };
         let dst = Arc::new(Mutex::new(SyntheticGuest::destination(ram, 0).unwrap()));
-        let digest = Arc::new(Mutex::new(None));
-        let incoming = Incoming::new(
-            Box::new(Recorded {
-                guest: dst.clone(),
-                digest: digest.clone(),
-            }),
-            1 << 30,
-        );
+        let (digest, incoming) = recorded(&dst);
         let (recv, sender, _rx, _tx) = session(&incoming);
         let cfg = MigrateConfig {
             round0_codec_state: keep_round0,

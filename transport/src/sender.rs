@@ -1149,7 +1149,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             } else {
                 (None, None)
             };
-            // Where the chunk lies in an in-memory source, if it does.
+            // Where a chunk to be sent stored lies in an in-memory source.
             let mut in_memory = None;
             let bytes: &[u8] = match &c.data {
                 Some(d) => d,
@@ -1164,7 +1164,9 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
                     let direct = usize::try_from(c.offset).ok().and_then(|off| {
                         let range = off..off.checked_add(len)?;
                         let s = src.as_slice()?.get(range.clone())?;
-                        in_memory = Some((src.clone(), range));
+                        if matches!(cfg.policy, Policy::Stored) {
+                            in_memory = Some((src.clone(), range));
+                        }
                         Some(s)
                     });
                     match direct {
@@ -1203,12 +1205,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
             // Stored chunks of in-memory sources go to the kernel from where
             // they lie, between a head and a tail of our own: one copy of
             // the payload fewer than assembling the frame.
-            let stored_from = match in_memory {
-                Some((src, range)) if matches!(cfg.policy, Policy::Stored) => {
-                    conn::SourceBytes::new(src, range)
-                }
-                _ => None,
-            };
+            let stored_from = in_memory.and_then(|(src, range)| conn::SourceBytes::new(src, range));
             let frame_head = fixed_end..fixed_end + dwcp_codec::frame::HEADER_LEN;
             let (stats, digest) = match &stored_from {
                 Some(_) => enc.encode_stored_chunk_at(
