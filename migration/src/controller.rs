@@ -314,9 +314,11 @@ pub struct RoundReport {
     /// When the round began sending; for round 0, when dirty tracking
     /// started. Not before the previous round's `ended`.
     pub started: Duration,
-    /// When the transport had delivered the round's last byte (or the best
-    /// the driver knows). Between `started` and `ended`; the measured
-    /// bandwidth is `wire_bytes / (send_done - started)`.
+    /// When the transport had delivered the round's last byte, or (a
+    /// driver that pipelines rounds) when it was handed to the transport.
+    /// Between `started` and `ended`; the measured bandwidth is
+    /// `wire_bytes / (send_done - started)`, so `wire_bytes` should count
+    /// what went on the wire in that time.
     pub send_done: Duration,
     /// When the bitmap read that ends the round was taken.
     pub ended: Duration,

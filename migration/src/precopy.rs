@@ -1071,6 +1071,9 @@ fn run_source(
     let logging_since = Instant::now();
     let mut pages: Vec<u64> = (0..total_pages).collect();
     let mut round = 0u32;
+    // The controller's earliest time for the bitmap read that ends the
+    // round (none for round 0).
+    let mut end_not_before: Option<Duration> = None;
     loop {
         let started = start.elapsed();
         let wire0 = sender.metrics().wire_bytes;
@@ -1091,22 +1094,48 @@ fn run_source(
         let probe: Option<Probe<'_>> =
             stateless.then(|| (Instant::now() + ROUND0_PROBE, &mut check as _));
         let sent = pump.send(&regions, &pages, &guard, probe)?;
-        pump.drain(Some(&guard))?;
-        let send_done = start.elapsed();
-        let dirty = merge(dirty_pages(hv, &regions)?, probed);
-        let m = sender.metrics();
-        let report = RoundReport {
-            round,
-            started,
-            send_done,
-            ended: start.elapsed(),
-            pages_sent: sent.pages,
-            zero_pages: sent.zero,
-            bytes_sent: sent.pages * PAGE_SIZE as u64,
-            wire_bytes: m.wire_bytes - wire0,
-            dirty_pages: dirty.len() as u64,
-            transport_wire_bandwidth: (m.bandwidth > 0.0).then_some(m.bandwidth),
+        // A stateless round drains before the next one reads (see above).
+        if stateless {
+            pump.drain(Some(&guard))?;
+        }
+        let mut send_done = start.elapsed();
+        if let Some(t) = end_not_before {
+            guard.sleep_until(start + t)?;
+        }
+        let mut dirty = merge(dirty_pages(hv, &regions)?, probed);
+        let make_report = |send_done: Duration, dirty: &[u64]| {
+            let m = sender.metrics();
+            RoundReport {
+                round,
+                started,
+                send_done,
+                ended: start.elapsed(),
+                pages_sent: sent.pages,
+                zero_pages: sent.zero,
+                bytes_sent: sent.pages * PAGE_SIZE as u64,
+                wire_bytes: m.wire_bytes - wire0,
+                dirty_pages: dirty.len() as u64,
+                transport_wire_bandwidth: (m.bandwidth > 0.0).then_some(m.bandwidth),
+            }
         };
+        let mut report = make_report(send_done, &dirty);
+        // The round ended when its last batch went to the transport: the
+        // next round's pages queue behind this one's tail, and the link
+        // does not idle while it is confirmed. Unless the controller would
+        // stop (or give up) now: the downtime must hold only the final
+        // dirty set, so the tail is confirmed first, the pages dirtied
+        // meanwhile join the set, and the controller decides on that.
+        if !stateless
+            && !matches!(
+                ctl.clone().handle_round(report),
+                Ok(Decision::Continue { .. })
+            )
+        {
+            pump.drain(Some(&guard))?;
+            send_done = start.elapsed();
+            dirty = merge(dirty, dirty_pages(hv, &regions)?);
+            report = make_report(send_done, &dirty);
+        }
         let decision = ctl
             .handle_round(report)
             .map_err(|e| MigrationError::Cancelled(e.to_string()))?;
@@ -1117,15 +1146,15 @@ fn run_source(
         match decision {
             Decision::Continue {
                 throttle,
-                end_not_before,
+                end_not_before: t,
             } => {
                 if let Some(p) = throttle {
                     hv.throttle(p)?;
                 }
-                guard.sleep_until(start + end_not_before)?;
-                // Pages dirtied while waiting go in this round too.
-                let more = dirty_pages(hv, &regions)?;
-                pages = merge(pages, more);
+                // The wait, if any, comes before the read that ends the
+                // next round: a round that sends for longer than
+                // `min_round` never waits, and the link never idles for it.
+                end_not_before = Some(t);
                 round += 1;
             }
             Decision::Cancel(reason) => {
