@@ -119,7 +119,8 @@ fn demo<G: Guest>(o: &DemoOptions, mut src: G, dst: G, kind: &str) -> Result<()>
         recv.local_addr(),
         SenderConfig {
             key: Some(key),
-            streams: StreamCount::Fixed(4),
+            // One per shard, as `dwcp migrate`.
+            streams: StreamCount::Fixed(2),
             policy: dwcp_codec::Policy::Stored,
             ..SenderConfig::default()
         },

@@ -1129,7 +1129,7 @@ static bool parse_u32(const char *s, uint32_t *out) {
 
 static int parse_opts(int argc, char **argv, struct opts *o) {
   *o = (struct opts){.ram = 1ull << 30, .dirty = 30, .downtime_ms = 50, .deadline_ms = 60000,
-                     .warmup_ms = 0, .run_after_ms = 500, .streams = 4,
+                     .warmup_ms = 0, .run_after_ms = 500, .streams = 2,
                      .mode = DWCP_MODE_DATACENTER, .seed = 1};
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
