@@ -428,16 +428,11 @@ mod tests {
         block
     }
 
+    /// `n` incompressible bytes determined by `seed`.
     fn bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut out = vec![0u8; n];
+        crate::corpus::Rng::new(seed).fill_bytes(&mut out);
+        out
     }
 
     /// Checks a valid block (decoding to `n` bytes): exact size, one byte

@@ -1077,9 +1077,9 @@ fn run_source(
     loop {
         let started = start.elapsed();
         let wire0 = sender.metrics().wire_bytes;
-        // Round 0 drains before round 1 starts (and a batch is confirmed
-        // once applied), so the two encoders' versions of a page land in
-        // the order they were read.
+        // A stateless round 0 drains before round 1 starts (and a batch is
+        // confirmed once applied), so the two encoders' versions of a page
+        // land in the order they were read.
         let stateless = round == 0 && !cfg.round0_codec_state;
         pump.set_stateless(stateless);
         // Pages the probe read off the dirty log: they go next round.
