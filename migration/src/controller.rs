@@ -130,6 +130,7 @@
 //!     bytes_sent: 4_096_000,
 //!     wire_bytes: 4_096_000,
 //!     dirty_pages: 3,
+//!     pages_dirtied: 0,
 //!     transport_wire_bandwidth: None,
 //! })?;
 //! assert!(matches!(decision, Decision::StopAndCopy { dirty_pages: 3, .. }));
@@ -333,6 +334,12 @@ pub struct RoundReport {
     pub wire_bytes: u64,
     /// Pages set in the bitmap read at `ended`: the dirty set in hand.
     pub dirty_pages: u64,
+    /// Pages found dirty since the previous round ended, counted at every
+    /// bitmap read, for the dirty rate; 0 means `dirty_pages`. A driver
+    /// that reads the bitmap while a round sends, and leaves out of the
+    /// set the pages it had not read yet (what it sends of them holds the
+    /// write), finds more pages dirty than it keeps.
+    pub pages_dirtied: u64,
     /// The transport's bandwidth estimate at `ended`, in wire bytes per
     /// second, if it has one. When present, finite and positive, it is used
     /// instead of the controller's own measure for this round.
@@ -776,7 +783,7 @@ impl PrecopyController {
         }
         let dirty_dt = r.ended.saturating_sub(self.last_ended.unwrap_or(r.started));
         if !dirty_dt.is_zero() {
-            let sample = r.dirty_pages as f64 / dirty_dt.as_secs_f64();
+            let sample = r.dirty_pages.max(r.pages_dirtied) as f64 / dirty_dt.as_secs_f64();
             self.dirty_rate.update(sample, dirty_dt, tau);
         }
         let transport = r
@@ -1102,6 +1109,7 @@ mod tests {
                         bytes_sent: to_send * PS,
                         wire_bytes: wire,
                         dirty_pages: dirty,
+                        pages_dirtied: 0,
                         transport_wire_bandwidth: self.transport_figure.then_some(self.link),
                     })
                     .unwrap();
@@ -1398,8 +1406,27 @@ mod tests {
             bytes_sent: 0,
             wire_bytes: 0,
             dirty_pages: dirty,
+            pages_dirtied: 0,
             transport_wire_bandwidth: None,
         }
+    }
+
+    #[test]
+    fn the_dirty_rate_counts_pages_found_mid_round() {
+        // 1000 pages kept of 4000 found in a 1 s round: the guest dirtied
+        // 4000 pages a second, whatever the driver left out of the set.
+        let mut ctl = PrecopyController::new(ControllerConfig::default(), 1 << 20).unwrap();
+        ctl.handle_round(RoundReport {
+            pages_dirtied: 4000,
+            ..report(0, 0, 1000, 1000)
+        })
+        .unwrap();
+        assert_eq!(ctl.dirty_rate(), Some(4000.0));
+        assert_eq!(ctl.last_round().unwrap().dirty_pages, 1000);
+        // 0 (or fewer than the set) means the set.
+        let mut ctl = PrecopyController::new(ControllerConfig::default(), 1 << 20).unwrap();
+        ctl.handle_round(report(0, 0, 1000, 1000)).unwrap();
+        assert_eq!(ctl.dirty_rate(), Some(1000.0));
     }
 
     #[test]
@@ -1931,6 +1958,7 @@ mod tests {
                     bytes_sent: s.bytes,
                     wire_bytes: s.wire,
                     dirty_pages: s.dirty.min(total),
+                    pages_dirtied: 0,
                     transport_wire_bandwidth: s.transport,
                 };
                 let result = ctl.handle_round(r);

@@ -64,10 +64,25 @@ const MIN_BATCH_PAGES: usize = 256;
 const FRAME_PAGES: usize = 256;
 /// Pages per stripe of guest memory when pages are dealt to shards.
 const SHARD_STRIPE: u64 = 512;
-/// Batches the source keeps unconfirmed at once.
+/// Batches the source keeps unconfirmed at once, not counting light ones
+/// ([`LIGHT_BATCH`]).
 const IN_FLIGHT: usize = 16;
-/// When round 0 goes stateless, how far into it the source reads the
-/// dirty log once to see whether the guest rewrites memory fast.
+/// A batch this small on the wire (zero pages, mostly) does not count in
+/// [`IN_FLIGHT`]: a run of them filled the window with next to nothing
+/// for the link to send, and left it idle for up to 50 ms at a time while
+/// the destination confirmed them (measured on a tx sampler). Counting
+/// bytes instead let the queue grow to hundreds of MiB in round 0, and
+/// deep queues made later rounds worse (more rounds, more wire).
+const LIGHT_BATCH: usize = 64 << 10;
+/// Most batches, light ones included, the source keeps unconfirmed.
+const IN_FLIGHT_ANY: usize = 256;
+/// Batch buffers each shard keeps for reuse.
+const SPARE_BUFFERS: usize = 4;
+/// Time between reads of the dirty log while a round sends ([`MidRound`]).
+const MID_ROUND_READ: Duration = Duration::from_millis(50);
+/// When round 0 goes stateless, how far into it the source looks once at
+/// the pages its reads of the dirty log ([`MidRound`]) found, to see
+/// whether the guest rewrites memory fast.
 const ROUND0_PROBE: Duration = Duration::from_millis(250);
 /// Dirty rate, as a share of the link's measured wire rate, above which
 /// the rest of round 0 enters the codec state after all: measured on the
@@ -348,11 +363,131 @@ struct Pump<'a> {
     /// Whether batches go through the shards' stateless encoders; read
     /// before each batch, so it can change mid-round.
     stateless: AtomicBool,
+    /// Per stripe: whether a batch holding pages of it was taken this
+    /// round, set before any of its pages is read ([`MidRound`]).
+    taken: Vec<AtomicBool>,
+    /// Per stripe: whether a read of the dirty log found a page of it
+    /// dirty this round ([`MidRound`]); the round sends such stripes last.
+    hot: Vec<AtomicBool>,
 }
 
-/// A check the main thread runs once, at `at`, while the shards send a
-/// round; `true` turns the stateless encoders off for the rest of it.
-type Probe<'p> = (Instant, &'p mut dyn FnMut() -> Result<bool, MigrationError>);
+/// Reads of the dirty log while a round sends, every [`MID_ROUND_READ`].
+///
+/// A page found dirty that this round sends but has not read yet is
+/// dropped: the write came before the read that found it, and the round
+/// reads the page after that, so what it sends holds the write (a later
+/// write is logged again, since the read cleared the log). Only pages
+/// already read, or not in this round, are kept for the next round.
+/// Without these reads, every page the guest wrote during a long round
+/// goes again in the next, also those it wrote before the round reached
+/// them: at 30 MiB/s about half of round 1 of a 1 GiB guest.
+///
+/// Whether a page was read is known per stripe ([`Pump::taken`]): a
+/// shard marks a batch's stripes (sequentially consistent stores) before
+/// it reads any of its pages, and the check loads the mark only after the
+/// log read returned. A stripe seen unmarked then is read after that
+/// read, so dropping its pages is safe; a marked one may have been read
+/// before, and its pages are kept, even where they were not read yet.
+struct MidRound<'m> {
+    /// Reads and clears the dirty log: the dirty pages, ascending.
+    read: &'m mut dyn FnMut() -> Result<Vec<u64>, MigrationError>,
+    /// Once, at the first read at or after `.0`: given the pages found
+    /// dirty so far, says whether to turn the stateless encoders off for
+    /// the rest of the round.
+    probe: Option<(Instant, &'m mut dyn FnMut(u64) -> bool)>,
+    /// Pages kept for the next round, ascending and distinct.
+    kept: Vec<u64>,
+    /// Pages found dirty, counted at every read.
+    found: u64,
+    /// Pages found dirty that the round read afterwards (not kept).
+    dropped: u64,
+}
+
+impl MidRound<'_> {
+    /// Reads the log and keeps what the next round must send; `pages` is
+    /// the round's set (ascending), `taken` [`Pump::taken`]; marks the
+    /// stripes of the pages found [`Pump::hot`]. Returns
+    /// whether the probe says to turn the stateless encoders off.
+    fn read(
+        &mut self,
+        pages: &[u64],
+        taken: &[AtomicBool],
+        hot: &[AtomicBool],
+    ) -> Result<bool, MigrationError> {
+        let dirty = (self.read)()?;
+        self.found += dirty.len() as u64;
+        let mut keep = Vec::with_capacity(dirty.len());
+        for p in dirty {
+            let stripe = usize::try_from(p / SHARD_STRIPE).ok();
+            if let Some(h) = stripe.and_then(|i| hot.get(i)) {
+                h.store(true, Ordering::Relaxed);
+            }
+            let read_already = stripe
+                .and_then(|i| taken.get(i))
+                .is_none_or(|t| t.load(Ordering::SeqCst));
+            if read_already || pages.binary_search(&p).is_err() {
+                keep.push(p);
+            } else {
+                self.dropped += 1;
+            }
+        }
+        self.kept = merge(std::mem::take(&mut self.kept), keep);
+        let mut stateful = false;
+        if let Some((at, _)) = &self.probe
+            && Instant::now() >= *at
+            && let Some((_, probe)) = self.probe.take()
+        {
+            stateful = probe(self.found);
+        }
+        Ok(stateful)
+    }
+}
+
+/// The next deferred unit. Once fewer than `fine` are left, the units
+/// are cut stripe by stripe, as the end of [`work_units`] is, so that the
+/// shards finish together.
+fn next_deferred(q: &Mutex<VecDeque<Vec<u64>>>, fine: usize) -> Option<Vec<u64>> {
+    let mut q = lock(q);
+    let unit = q.pop_front()?;
+    if q.len() >= fine {
+        return Some(unit);
+    }
+    let mut stripes = stripes_of(&unit);
+    let first = stripes.next().map(<[u64]>::to_vec);
+    for rest in stripes.rev() {
+        q.push_front(rest.to_vec());
+    }
+    first
+}
+
+/// Whether a page of `unit` lies in a [`Pump::hot`] stripe.
+fn is_hot(hot: &[AtomicBool], unit: &[u64]) -> bool {
+    stripes_of(unit).any(|st| {
+        usize::try_from(st[0] / SHARD_STRIPE)
+            .ok()
+            .and_then(|i| hot.get(i))
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+    })
+}
+
+/// `pages` (ascending) cut into runs of one stripe each.
+fn stripes_of(pages: &[u64]) -> impl DoubleEndedIterator<Item = &[u64]> {
+    pages.chunk_by(|a, b| a / SHARD_STRIPE == b / SHARD_STRIPE)
+}
+
+/// Marks the stripes of `batch` taken ([`MidRound`]), before it is read.
+fn take(taken: &[AtomicBool], batch: &[u64]) {
+    let mut last = None;
+    for &p in batch {
+        let stripe = p / SHARD_STRIPE;
+        if last != Some(stripe) {
+            if let Some(t) = usize::try_from(stripe).ok().and_then(|i| taken.get(i)) {
+                t.store(true, Ordering::SeqCst);
+            }
+            last = Some(stripe);
+        }
+    }
+}
 
 /// [`Pump::owner`] of a stripe no shard has sent yet.
 const UNOWNED: u8 = u8::MAX;
@@ -376,6 +511,8 @@ struct ShardTx {
     /// Batches not yet acknowledged, with their bytes (taken back for
     /// reuse once the transport lets go of them).
     in_flight: VecDeque<(u32, Arc<Vec<u8>>)>,
+    /// Of those, batches that are not light ([`LIGHT_BATCH`]).
+    in_flight_heavy: usize,
     /// Batch buffers to reuse: a fresh one costs a page fault per 4 KiB
     /// as it fills (measured: ~0.1 s of CPU over a 1 GiB round 0).
     spare: Vec<Vec<u8>>,
@@ -438,6 +575,15 @@ impl Pagemap {
 /// A page of zeros, the content of pages known to read as zero.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
+/// What one shard may keep unconfirmed.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Batches that are not light ([`LIGHT_BATCH`]).
+    heavy: usize,
+    /// Batches in all.
+    any: usize,
+}
+
 /// Pages and zero pages sent.
 #[derive(Debug, Default, Clone, Copy)]
 struct Sent {
@@ -467,7 +613,7 @@ impl ShardTx {
         regions: &[GuestRegion],
         shard: usize,
         batch: &[u64],
-        in_flight: usize,
+        window: Window,
         guard: &Guard<'_>,
     ) -> Result<Sent, MigrationError> {
         let mut sent = Sent::default();
@@ -557,15 +703,24 @@ impl ShardTx {
             0
         };
         let id = submit(sender, meta_pages(shard as u16, seq, flags), bytes.clone())?;
+        self.in_flight_heavy += usize::from(bytes.len() > LIGHT_BATCH);
         self.in_flight.push_back((id, bytes));
-        while self.in_flight.len() > in_flight {
+        while self.in_flight_heavy > window.heavy || self.in_flight.len() > window.any {
             guard.check()?;
-            if let Some((id, bytes)) = self.in_flight.pop_front() {
-                sender.wait_region(id)?;
-                self.reuse(bytes, in_flight);
-            }
+            self.confirm_oldest(sender)?;
         }
         Ok(sent)
+    }
+
+    /// Waits until the oldest batch in flight is confirmed, and keeps its
+    /// buffer.
+    fn confirm_oldest(&mut self, sender: &Sender) -> Result<(), MigrationError> {
+        if let Some((id, bytes)) = self.in_flight.pop_front() {
+            self.in_flight_heavy -= usize::from(bytes.len() > LIGHT_BATCH);
+            sender.wait_region(id)?;
+            self.reuse(bytes);
+        }
+        Ok(())
     }
 
     /// Sets `known_zero` for `group`: the pages of runs of at least
@@ -606,9 +761,9 @@ impl ShardTx {
 
     /// Keeps an acknowledged batch's buffer for a later batch, if the
     /// transport holds no reference to it any more and fewer than
-    /// `in_flight` are kept already.
-    fn reuse(&mut self, bytes: Arc<Vec<u8>>, in_flight: usize) {
-        if self.spare.len() <= in_flight
+    /// [`SPARE_BUFFERS`] are kept already.
+    fn reuse(&mut self, bytes: Arc<Vec<u8>>) {
+        if self.spare.len() < SPARE_BUFFERS
             && let Ok(v) = Arc::try_unwrap(bytes)
         {
             self.spare.push(v);
@@ -651,6 +806,7 @@ impl<'a> Pump<'a> {
                     shards: cfg.shards.max(1),
                     seq: 0,
                     in_flight: VecDeque::new(),
+                    in_flight_heavy: 0,
                     spare: Vec::new(),
                     auto: matches!(cfg.policy, Policy::Auto { .. }),
                     pagemap: Pagemap::open(),
@@ -668,6 +824,8 @@ impl<'a> Pump<'a> {
             other: VecDeque::new(),
             owner: (0..stripes).map(|_| AtomicU8::new(UNOWNED)).collect(),
             stateless: AtomicBool::new(false),
+            taken: (0..stripes).map(|_| AtomicBool::new(false)).collect(),
+            hot: (0..stripes).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -684,7 +842,8 @@ impl<'a> Pump<'a> {
 
     /// Sends `pages` (global page numbers, ascending) read from `regions`,
     /// each shard on its own thread, checking `guard` before each batch
-    /// and each wait. Pages of a stripe a shard owns go to that shard;
+    /// and each wait, and reading the dirty log meanwhile through `mid`,
+    /// if given. Pages of a stripe a shard owns go to that shard;
     /// stripes no shard owns yet (all of them in round 0) are shared out
     /// as the shards ask for work, a unit of whole stripes at a time, so
     /// that a shard that encodes faster (its pages compress faster, or it
@@ -696,7 +855,7 @@ impl<'a> Pump<'a> {
         regions: &[GuestRegion],
         pages: &[u64],
         guard: &Guard<'_>,
-        mut probe: Option<Probe<'_>>,
+        mut mid: Option<&mut MidRound<'_>>,
     ) -> Result<Sent, MigrationError> {
         // Small rounds go in smaller batches, so that the last one lands
         // (and is applied) soon after the others: the round ends sooner,
@@ -716,7 +875,15 @@ impl<'a> Pump<'a> {
         let sender = self.sender;
         let owner = &self.owner;
         let stateless = &self.stateless;
-        // Set when the probe fails: the shards stop at their next batch.
+        let taken = &self.taken;
+        let hot = &self.hot;
+        for (t, h) in taken.iter().zip(hot) {
+            t.store(false, Ordering::SeqCst);
+            h.store(false, Ordering::Relaxed);
+        }
+        let mut next_read = Instant::now() + MID_ROUND_READ;
+        // Set when a mid-round read fails: the shards stop at their next
+        // batch.
         let stop = AtomicBool::new(false);
         let stop = &stop;
         if n == 1 || pages.len() <= size {
@@ -731,13 +898,15 @@ impl<'a> Pump<'a> {
                 list.sort_unstable();
                 for batch in list.chunks(size) {
                     guard.check()?;
-                    if let Some((at, _)) = &probe
-                        && Instant::now() >= *at
-                        && let Some((_, check)) = probe.take()
-                        && check()?
+                    if let Some(m) = mid.as_deref_mut()
+                        && Instant::now() >= next_read
                     {
-                        stateless.store(false, Ordering::Relaxed);
+                        if m.read(pages, taken, hot)? {
+                            stateless.store(false, Ordering::Relaxed);
+                        }
+                        next_read = Instant::now() + MID_ROUND_READ;
                     }
+                    take(taken, batch);
                     let shard = &mut self.shards[s];
                     shard.use_stateless = stateless.load(Ordering::Relaxed);
                     sent += shard.send_batch(sender, regions, s, batch, per_shard, guard)?;
@@ -749,6 +918,10 @@ impl<'a> Pump<'a> {
         let units = &units;
         let next = AtomicUsize::new(0);
         let next = &next;
+        // Units found hot, sent once the others are.
+        let deferred: Mutex<VecDeque<Vec<u64>>> = Mutex::new(VecDeque::new());
+        let deferred = &deferred;
+        let defer = mid.is_some();
         std::thread::scope(|sc| {
             let workers: Vec<_> = self
                 .shards
@@ -762,46 +935,66 @@ impl<'a> Pump<'a> {
                             if stop.load(Ordering::Relaxed) {
                                 return Ok(sent);
                             }
+                            take(taken, batch);
                             shard.use_stateless = stateless.load(Ordering::Relaxed);
                             sent +=
                                 shard.send_batch(sender, regions, s, batch, per_shard, guard)?;
                         }
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(unit) = units.get(k) else { break };
+                            let unit = match units.get(k) {
+                                // A unit the guest writes to waits for the
+                                // end of the round: what the guest writes
+                                // before the unit is read costs nothing
+                                // (see `MidRound`), what it writes after
+                                // goes again next round.
+                                Some(u) if defer && is_hot(hot, u) => {
+                                    lock(deferred).push_back(u.clone());
+                                    continue;
+                                }
+                                Some(u) => std::borrow::Cow::Borrowed(&u[..]),
+                                None => match next_deferred(deferred, 2 * n) {
+                                    Some(u) => std::borrow::Cow::Owned(u),
+                                    None => break,
+                                },
+                            };
                             guard.check()?;
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            claim(owner, unit, s);
+                            claim(owner, &unit, s);
+                            take(taken, &unit);
                             shard.use_stateless = stateless.load(Ordering::Relaxed);
-                            sent += shard.send_batch(sender, regions, s, unit, per_shard, guard)?;
+                            sent +=
+                                shard.send_batch(sender, regions, s, &unit, per_shard, guard)?;
                         }
                         Ok(sent)
                     })
                 })
                 .collect();
-            // The probe, on this thread while the shards send.
-            let mut probe_err = None;
-            if let Some((at, check)) = probe.take() {
+            // The dirty log, on this thread while the shards send.
+            let mut read_err = None;
+            if let Some(m) = mid {
                 while !workers.iter().all(|w| w.is_finished()) {
                     let now = Instant::now();
-                    if now >= at {
-                        match check() {
+                    if now >= next_read {
+                        match m.read(pages, taken, hot) {
                             Ok(true) => stateless.store(false, Ordering::Relaxed),
                             Ok(false) => {}
                             Err(e) => {
                                 stop.store(true, Ordering::Relaxed);
-                                probe_err = Some(e);
+                                read_err = Some(e);
+                                break;
                             }
                         }
-                        break;
+                        next_read = Instant::now() + MID_ROUND_READ;
+                        continue;
                     }
-                    std::thread::sleep((at - now).min(Duration::from_millis(5)));
+                    std::thread::sleep((next_read - now).min(Duration::from_millis(5)));
                 }
             }
             let mut sent = Sent::default();
-            let mut first_err = probe_err;
+            let mut first_err = read_err;
             for w in workers {
                 match w.join() {
                     Ok(Ok(s)) => sent += s,
@@ -822,9 +1015,14 @@ impl<'a> Pump<'a> {
         })
     }
 
-    /// Batches each shard keeps unconfirmed ([`IN_FLIGHT`] in all).
-    fn per_shard_in_flight(&self) -> usize {
-        (IN_FLIGHT / self.shards.len()).max(1)
+    /// What each shard keeps unconfirmed ([`IN_FLIGHT`] and
+    /// [`IN_FLIGHT_ANY`] in all).
+    fn per_shard_in_flight(&self) -> Window {
+        let n = self.shards.len().max(1);
+        Window {
+            heavy: (IN_FLIGHT / n).max(1),
+            any: (IN_FLIGHT_ANY / n).max(1),
+        }
     }
 
     /// The owner of page `p`'s stripe ([`UNOWNED`] if none yet, or if `p`
@@ -852,14 +1050,12 @@ impl<'a> Pump<'a> {
     /// Waits for every part in flight, checking `guard` (if any) between
     /// them.
     fn drain(&mut self, guard: Option<&Guard<'_>>) -> Result<(), MigrationError> {
-        let keep = self.per_shard_in_flight();
         for shard in &mut self.shards {
-            while let Some((id, bytes)) = shard.in_flight.pop_front() {
+            while !shard.in_flight.is_empty() {
                 if let Some(g) = guard {
                     g.check()?;
                 }
-                self.sender.wait_region(id)?;
-                shard.reuse(bytes, keep);
+                shard.confirm_oldest(self.sender)?;
             }
         }
         while let Some(id) = self.other.pop_front() {
@@ -1082,18 +1278,27 @@ fn run_source(
         // land in the order they were read.
         let stateless = round == 0 && !cfg.round0_codec_state;
         pump.set_stateless(stateless);
-        // Pages the probe read off the dirty log: they go next round.
-        let mut probed: Vec<u64> = Vec::new();
-        let mut check = || -> Result<bool, MigrationError> {
+        // While a stateless round 0 sends, a check of how fast the guest
+        // writes memory: fast, and the rest of the round enters the codec
+        // state after all.
+        let mut probe = |found: u64| {
             let secs = logging_since.elapsed().as_secs_f64();
-            probed = dirty_pages(hv, &regions)?;
-            let dirty_rate = probed.len() as f64 * PAGE_SIZE as f64 / secs.max(1e-3);
+            let dirty_rate = found as f64 * PAGE_SIZE as f64 / secs.max(1e-3);
             let link = sender.metrics().bandwidth;
-            Ok(link > 0.0 && dirty_rate > ROUND0_STATE_DIRTY_SHARE * link)
+            link > 0.0 && dirty_rate > ROUND0_STATE_DIRTY_SHARE * link
         };
-        let probe: Option<Probe<'_>> =
-            stateless.then(|| (Instant::now() + ROUND0_PROBE, &mut check as _));
-        let sent = pump.send(&regions, &pages, &guard, probe)?;
+        let mut read = || dirty_pages(hv, &regions).map_err(MigrationError::from);
+        let mut mid = MidRound {
+            read: &mut read,
+            probe: stateless.then(|| (Instant::now() + ROUND0_PROBE, &mut probe as _)),
+            kept: Vec::new(),
+            found: 0,
+            dropped: 0,
+        };
+        let sent = pump.send(&regions, &pages, &guard, Some(&mut mid))?;
+        let MidRound {
+            kept, mut found, ..
+        } = mid;
         // A stateless round drains before the next one reads (see above).
         if stateless {
             pump.drain(Some(&guard))?;
@@ -1102,8 +1307,10 @@ fn run_source(
         if let Some(t) = end_not_before {
             guard.sleep_until(start + t)?;
         }
-        let mut dirty = merge(dirty_pages(hv, &regions)?, probed);
-        let make_report = |send_done: Duration, dirty: &[u64]| {
+        let last = dirty_pages(hv, &regions)?;
+        found += last.len() as u64;
+        let mut dirty = merge(last, kept);
+        let make_report = |send_done: Duration, dirty: &[u64], found: u64| {
             let m = sender.metrics();
             RoundReport {
                 round,
@@ -1115,10 +1322,11 @@ fn run_source(
                 bytes_sent: sent.pages * PAGE_SIZE as u64,
                 wire_bytes: m.wire_bytes - wire0,
                 dirty_pages: dirty.len() as u64,
+                pages_dirtied: found,
                 transport_wire_bandwidth: (m.bandwidth > 0.0).then_some(m.bandwidth),
             }
         };
-        let mut report = make_report(send_done, &dirty);
+        let mut report = make_report(send_done, &dirty, found);
         // The round ended when its last batch went to the transport: the
         // next round's pages queue behind this one's tail, and the link
         // does not idle while it is confirmed. Unless the controller would
@@ -1133,8 +1341,10 @@ fn run_source(
         {
             pump.drain(Some(&guard))?;
             send_done = start.elapsed();
-            dirty = merge(dirty, dirty_pages(hv, &regions)?);
-            report = make_report(send_done, &dirty);
+            let more = dirty_pages(hv, &regions)?;
+            found += more.len() as u64;
+            dirty = merge(dirty, more);
+            report = make_report(send_done, &dirty, found);
         }
         let decision = ctl
             .handle_round(report)
@@ -2060,6 +2270,7 @@ mod tests {
             shards: 1,
             seq: 0,
             in_flight: VecDeque::new(),
+            in_flight_heavy: 0,
             spare: Vec::new(),
             auto: false,
             pagemap: Pagemap::open(),
@@ -2082,6 +2293,86 @@ mod tests {
         if tx.pagemap.is_some() {
             assert!(!tx.known_zero[1] && tx.known_zero[0] && tx.known_zero[2]);
         }
+    }
+
+    #[test]
+    fn a_mid_round_read_drops_only_pages_the_round_reads_later() {
+        let stripes = 4;
+        let flags = || {
+            (0..stripes)
+                .map(|_| AtomicBool::new(false))
+                .collect::<Vec<_>>()
+        };
+        let (taken, hot) = (flags(), flags());
+        let s = SHARD_STRIPE;
+        // The round sends stripes 0, 1 and 2 (and not page 3s + 7).
+        let pages: Vec<u64> = (0..3 * s).collect();
+        take(&taken, &[5, s - 1]);
+        let reads = std::cell::RefCell::new(vec![
+            // Stripe 0 is taken: kept. Stripe 1 is not: dropped. Page
+            // 3s + 7 is not in the round: kept. A page past the guest:
+            // kept (the next round's `locate` refuses it).
+            vec![3, s + 10, s + 11, 3 * s + 7, 9 * s],
+            // Stripe 1 taken since: kept now.
+            vec![s + 10, 2 * s],
+        ]);
+        let mut read = || Ok(reads.borrow_mut().remove(0));
+        let mut probed = None;
+        let mut probe = |found: u64| {
+            probed = Some(found);
+            true
+        };
+        let mut mid = MidRound {
+            read: &mut read,
+            probe: Some((Instant::now(), &mut probe as _)),
+            kept: Vec::new(),
+            found: 0,
+            dropped: 0,
+        };
+        assert!(mid.read(&pages, &taken, &hot).unwrap(), "the probe answers");
+        assert_eq!(mid.kept, vec![3, 3 * s + 7, 9 * s]);
+        assert_eq!((mid.found, mid.dropped), (5, 2));
+        let hot_now: Vec<bool> = hot.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        assert_eq!(hot_now, vec![true, true, false, true]);
+        take(&taken, &[s]);
+        assert!(
+            !mid.read(&pages, &taken, &hot).unwrap(),
+            "the probe runs once"
+        );
+        assert_eq!(mid.kept, vec![3, s + 10, 3 * s + 7, 9 * s]);
+        assert_eq!((mid.found, mid.dropped), (7, 3));
+        drop(mid);
+        assert_eq!(probed, Some(5));
+        // A failed read is the round's error.
+        let mut failing = || -> Result<Vec<u64>, MigrationError> {
+            Err(HvError::new("dirty log", "gone").into())
+        };
+        let mut mid = MidRound {
+            read: &mut failing,
+            probe: None,
+            kept: Vec::new(),
+            found: 0,
+            dropped: 0,
+        };
+        assert!(mid.read(&pages, &taken, &hot).is_err());
+    }
+
+    #[test]
+    fn hot_units_wait_and_their_tail_is_cut_into_stripes() {
+        let s = SHARD_STRIPE;
+        let hot: Vec<AtomicBool> = (0..8).map(|i| AtomicBool::new(i == 2)).collect();
+        assert!(is_hot(&hot, &[s, 2 * s + 3]));
+        assert!(!is_hot(&hot, &[0, s, 3 * s]));
+        let unit = |first: u64, n: u64| (first * s..(first + n) * s).collect::<Vec<u64>>();
+        let q = Mutex::new(VecDeque::from(vec![unit(0, 3), unit(3, 2), unit(5, 2)]));
+        // Enough left: whole units.
+        assert_eq!(next_deferred(&q, 2), Some(unit(0, 3)));
+        // From here, stripe by stripe, in order.
+        let mut rest = Vec::new();
+        while let Some(u) = next_deferred(&q, 2) {
+            rest.push(u);
+        }
+        assert_eq!(rest, (3..7).map(|i| unit(i, 1)).collect::<Vec<_>>());
     }
 
     #[test]
