@@ -300,7 +300,9 @@ typedef struct {
   // size. Memory is only used as pages are sent.
   uint64_t codec_state;
   // Source: keep round 0's pages in that state too (true, the
-  // default). False sends round 0 through stateless encoders: the
+  // default), those of the stripes the guest is seen writing (every
+  // page until the first dirty-log read, 50 ms in; with two or more
+  // shards). False sends round 0 through stateless encoders: the
   // state starts with the pages dirtied again, unless a dirty-log
   // probe 250 ms in finds the guest dirtying more than half the link
   // (docs/migration.md).

@@ -175,7 +175,12 @@ pub struct MigrateConfig {
     pub codec_state: Option<usize>,
     /// Whether round 0's pages enter the codec state, so that later
     /// rounds can send deltas against them and references to them (the
-    /// default). Off, round 0 goes through a stateless encoder per shard,
+    /// default): with two or more shards, only where the guest writes,
+    /// that is every page until the source's first read of the dirty log
+    /// (50 ms in), then the pages of stripes found dirty so far; the
+    /// pages of other stripes go through the stateless encoders (see
+    /// [`Pump::cold_stateless`]). Off, round 0 goes through a stateless
+    /// encoder per shard,
     /// as QEMU fills its XBZRLE cache only after the bulk stage: keeping
     /// every page of round 0 costs a fresh state page per page sent at
     /// both ends (first-touch faults and copies, on the CPU that also
@@ -369,6 +374,18 @@ struct Pump<'a> {
     /// Per stripe: whether a read of the dirty log found a page of it
     /// dirty this round ([`MidRound`]); the round sends such stripes last.
     hot: Vec<AtomicBool>,
+    /// Whether units of stripes not found hot go through the stateless
+    /// encoders, once a read of the dirty log has been made this round
+    /// (round 0 with [`MigrateConfig::round0_codec_state`]). A page in
+    /// the codec state costs a fresh state page at both ends (a
+    /// first-touch fault and a copy, on the cores that also compress),
+    /// and only pages the guest writes again use it; a page of a cold
+    /// stripe that the guest does write later goes whole once, and
+    /// enters the state then. Their hashes are not kept (`sent_hash`):
+    /// the reads of the dirty log already leave out the pages written
+    /// before they were read, and hashing every page cost ~0.2 s of CPU
+    /// on a 1 GiB guest.
+    cold_stateless: AtomicBool,
 }
 
 /// Reads of the dirty log while a round sends, every [`MID_ROUND_READ`].
@@ -499,6 +516,9 @@ struct ShardTx {
     /// (state limit 0), and whether the batches now go through it.
     stateless: Encoder,
     use_stateless: bool,
+    /// Whether the non-zero pages sent through `stateless` go into
+    /// `sent_hash` (not for cold stripes, see [`Pump::cold_stateless`]).
+    remember_stateless: bool,
     /// Hashes ([`page_hash`]) of the non-zero pages this shard sent
     /// through the stateless encoder, for the next round: a page whose
     /// content still hashes the same is at the destination already (it
@@ -664,7 +684,7 @@ impl ShardTx {
                 }
                 let data = &self.staging[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
                 if self.use_stateless {
-                    if dwcp_codec::is_zero(data) {
+                    if !self.remember_stateless || dwcp_codec::is_zero(data) {
                         self.sent_hash.remove(&p);
                     } else {
                         self.sent_hash.insert(p, page_hash(data));
@@ -802,6 +822,7 @@ impl<'a> Pump<'a> {
                         cfg.policy,
                     )?,
                     use_stateless: false,
+                    remember_stateless: true,
                     sent_hash: std::collections::HashMap::new(),
                     shards: cfg.shards.max(1),
                     seq: 0,
@@ -826,6 +847,7 @@ impl<'a> Pump<'a> {
             stateless: AtomicBool::new(false),
             taken: (0..stripes).map(|_| AtomicBool::new(false)).collect(),
             hot: (0..stripes).map(|_| AtomicBool::new(false)).collect(),
+            cold_stateless: AtomicBool::new(false),
         })
     }
 
@@ -833,6 +855,12 @@ impl<'a> Pump<'a> {
     /// back through their stateful ones).
     fn set_stateless(&self, on: bool) {
         self.stateless.store(on, Ordering::Relaxed);
+    }
+
+    /// Sends the next rounds' units of stripes the guest was not seen
+    /// writing through the stateless encoders.
+    fn set_cold_stateless(&self, on: bool) {
+        self.cold_stateless.store(on, Ordering::Relaxed);
     }
 
     /// Batches sent per shard.
@@ -909,6 +937,7 @@ impl<'a> Pump<'a> {
                     take(taken, batch);
                     let shard = &mut self.shards[s];
                     shard.use_stateless = stateless.load(Ordering::Relaxed);
+                    shard.remember_stateless = true;
                     sent += shard.send_batch(sender, regions, s, batch, per_shard, guard)?;
                 }
             }
@@ -922,6 +951,10 @@ impl<'a> Pump<'a> {
         let deferred: Mutex<VecDeque<Vec<u64>>> = Mutex::new(VecDeque::new());
         let deferred = &deferred;
         let defer = mid.is_some();
+        let cold = self.cold_stateless.load(Ordering::Relaxed) && defer;
+        // Whether a read of the dirty log has marked the hot stripes yet.
+        let hot_known = AtomicBool::new(false);
+        let hot_known = &hot_known;
         std::thread::scope(|sc| {
             let workers: Vec<_> = self
                 .shards
@@ -937,6 +970,7 @@ impl<'a> Pump<'a> {
                             }
                             take(taken, batch);
                             shard.use_stateless = stateless.load(Ordering::Relaxed);
+                            shard.remember_stateless = true;
                             sent +=
                                 shard.send_batch(sender, regions, s, batch, per_shard, guard)?;
                         }
@@ -964,7 +998,12 @@ impl<'a> Pump<'a> {
                             }
                             claim(owner, &unit, s);
                             take(taken, &unit);
-                            shard.use_stateless = stateless.load(Ordering::Relaxed);
+                            let all = stateless.load(Ordering::Relaxed);
+                            shard.remember_stateless = all;
+                            shard.use_stateless = all
+                                || (cold
+                                    && hot_known.load(Ordering::Relaxed)
+                                    && !is_hot(hot, &unit));
                             sent +=
                                 shard.send_batch(sender, regions, s, &unit, per_shard, guard)?;
                         }
@@ -978,7 +1017,9 @@ impl<'a> Pump<'a> {
                 while !workers.iter().all(|w| w.is_finished()) {
                     let now = Instant::now();
                     if now >= next_read {
-                        match m.read(pages, taken, hot) {
+                        let r = m.read(pages, taken, hot);
+                        hot_known.store(true, Ordering::Relaxed);
+                        match r {
                             Ok(true) => stateless.store(false, Ordering::Relaxed),
                             Ok(false) => {}
                             Err(e) => {
@@ -1278,6 +1319,7 @@ fn run_source(
         // land in the order they were read.
         let stateless = round == 0 && !cfg.round0_codec_state;
         pump.set_stateless(stateless);
+        pump.set_cold_stateless(round == 0 && cfg.round0_codec_state);
         // While a stateless round 0 sends, a check of how fast the guest
         // writes memory: fast, and the rest of the round enters the codec
         // state after all.
@@ -1537,6 +1579,9 @@ pub struct IncomingReport {
     pub pages: u64,
     /// Page batches applied.
     pub batches: u64,
+    /// Of those, batches the source sent through its stateless encoders
+    /// (round 0, see [`MigrateConfig::round0_codec_state`]).
+    pub stateless_batches: u64,
     /// From `End` arriving to the guest running.
     pub finish: Duration,
     /// [`memory_digest`] of the guest memory as the migration left it,
@@ -2075,6 +2120,7 @@ fn apply_loop(
                 &mut decoders[s]
             };
             report.pages += apply(dec, &regions, &mut written, &mut hashes, &bytes, corrupt)?;
+            report.stateless_batches += u64::from(flags & BATCH_STATELESS != 0);
             // The buffer goes back to the sink for a later batch.
             shared.mem.recycle(bytes);
             report.batches += 1;
@@ -2266,6 +2312,7 @@ mod tests {
             enc: Encoder::new(&CodecConfig::default(), Policy::Datacenter).unwrap(),
             stateless: Encoder::new(&CodecConfig::default(), Policy::Datacenter).unwrap(),
             use_stateless: false,
+            remember_stateless: true,
             sent_hash: std::collections::HashMap::new(),
             shards: 1,
             seq: 0,

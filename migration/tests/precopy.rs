@@ -193,6 +193,44 @@ fn synthetic_guest_moves_live(prealloc: bool) {
     recv.close().unwrap();
 }
 
+/// By default round 0 keeps in the codec state only the stripes the
+/// guest writes: after the first read of the dirty log, the others go
+/// through the stateless encoders, in the same per-shard sequences as
+/// the stateful batches, and the destination ends up with the source's
+/// memory all the same. An idle guest's data goes stateless, a busy
+/// one's stateful.
+#[test]
+fn round_0_keeps_in_the_codec_state_only_the_stripes_the_guest_writes() {
+    for dirty in [0, 30] {
+        let ram = 256 << 20;
+        let mut src = SyntheticGuest::source(ram, dirty, 11).unwrap();
+        let (_dst, digest, incoming) = synthetic_destination(ram);
+        // 200 Mbit/s: round 0 lasts well past the first read, 50 ms in,
+        // and the shards' windows fill long before it.
+        let (recv, sender, _rx, _tx) = slow_session(&incoming);
+        let report = migrate_out(&mut src, &sender, &MigrateConfig::default(), |_| {}).unwrap();
+        sender.close().unwrap();
+        let done = incoming.wait(Duration::from_secs(20)).unwrap().unwrap();
+        assert!(report.summary.converged);
+        assert_eq!(
+            done.memory_digest,
+            precopy::memory_digest(&SourceHypervisor::regions(&src)).unwrap(),
+            "dirty {dirty}: the page-by-page digest agrees"
+        );
+        assert_eq!(Some(memory_digest(&src.region())), *digest.lock().unwrap());
+        // The synthetic guest's data is its last quarter, the part it
+        // writes; the batches of its zero pages go before the first read
+        // (the stateful encoders, which keep nothing of zero pages).
+        let (stateless, all) = (done.stateless_batches, done.batches);
+        if dirty == 0 {
+            assert!(stateless * 2 > all, "{stateless} of {all} stateless");
+        } else {
+            assert!(stateless < all / 4, "{stateless} of {all} stateless");
+        }
+        recv.close().unwrap();
+    }
+}
+
 #[test]
 fn a_page_corrupted_after_the_transport_fails_the_memory_check() {
     let mut src = SyntheticGuest::source(32 << 20, 0, 5).unwrap();
@@ -565,8 +603,9 @@ enum AtSecondRead {
     Fail,
 }
 
-/// A synthetic source whose second dirty-log read (the probe 250 ms into
-/// a stateless round 0, or else the read that ends round 0) is scripted.
+/// A synthetic source whose second dirty-log read (the first of those
+/// made while round 0 sends, 50 ms in, or else the read that ends round
+/// 0) is scripted.
 struct SecondRead {
     guest: SyntheticGuest,
     reads: usize,
@@ -670,7 +709,8 @@ fn pages_reported_dirty_but_unchanged_since_round_0_are_not_sent_again() {
 #[test]
 fn a_dirty_log_failure_in_the_round_0_probe_stops_the_round_and_the_source_runs_on() {
     // 256 MiB at 40 Mbit/s: round 0 takes seconds; the shards stop at
-    // their next batch after the probe fails, 250 ms in.
+    // their next batch after the first read while round 0 sends fails,
+    // 50 ms in.
     let ram = 256 << 20;
     let mut src = SecondRead {
         guest: SyntheticGuest::source(ram, 30, 13).unwrap(),
