@@ -435,13 +435,10 @@ impl MidRound<'_> {
         self.found += dirty.len() as u64;
         let mut keep = Vec::with_capacity(dirty.len());
         for p in dirty {
-            let stripe = usize::try_from(p / SHARD_STRIPE).ok();
-            if let Some(h) = stripe.and_then(|i| hot.get(i)) {
+            if let Some(h) = stripe_slot(hot, p) {
                 h.store(true, Ordering::Relaxed);
             }
-            let read_already = stripe
-                .and_then(|i| taken.get(i))
-                .is_none_or(|t| t.load(Ordering::SeqCst));
+            let read_already = stripe_slot(taken, p).is_none_or(|t| t.load(Ordering::SeqCst));
             if read_already || pages.binary_search(&p).is_err() {
                 keep.push(p);
             } else {
@@ -479,12 +476,7 @@ fn next_deferred(q: &Mutex<VecDeque<Vec<u64>>>, fine: usize) -> Option<Vec<u64>>
 
 /// Whether a page of `unit` lies in a [`Pump::hot`] stripe.
 fn is_hot(hot: &[AtomicBool], unit: &[u64]) -> bool {
-    stripes_of(unit).any(|st| {
-        usize::try_from(st[0] / SHARD_STRIPE)
-            .ok()
-            .and_then(|i| hot.get(i))
-            .is_some_and(|h| h.load(Ordering::Relaxed))
-    })
+    slots_of(hot, unit).any(|h| h.load(Ordering::Relaxed))
 }
 
 /// `pages` (ascending) cut into runs of one stripe each.
@@ -492,17 +484,22 @@ fn stripes_of(pages: &[u64]) -> impl DoubleEndedIterator<Item = &[u64]> {
     pages.chunk_by(|a, b| a / SHARD_STRIPE == b / SHARD_STRIPE)
 }
 
+/// The per-stripe slot of page `p` (`None` past the guest).
+fn stripe_slot<T>(slots: &[T], p: u64) -> Option<&T> {
+    usize::try_from(p / SHARD_STRIPE)
+        .ok()
+        .and_then(|i| slots.get(i))
+}
+
+/// The per-stripe slots of the stripes of `pages` (ascending), once each.
+fn slots_of<'a, T>(slots: &'a [T], pages: &'a [u64]) -> impl Iterator<Item = &'a T> {
+    stripes_of(pages).filter_map(|st| stripe_slot(slots, st[0]))
+}
+
 /// Marks the stripes of `batch` taken ([`MidRound`]), before it is read.
 fn take(taken: &[AtomicBool], batch: &[u64]) {
-    let mut last = None;
-    for &p in batch {
-        let stripe = p / SHARD_STRIPE;
-        if last != Some(stripe) {
-            if let Some(t) = usize::try_from(stripe).ok().and_then(|i| taken.get(i)) {
-                t.store(true, Ordering::SeqCst);
-            }
-            last = Some(stripe);
-        }
+    for t in slots_of(taken, batch) {
+        t.store(true, Ordering::SeqCst);
     }
 }
 
@@ -1069,10 +1066,7 @@ impl<'a> Pump<'a> {
     /// The owner of page `p`'s stripe ([`UNOWNED`] if none yet, or if `p`
     /// is past the guest, which [`locate`] then refuses).
     fn stripe_owner(&self, p: u64) -> u8 {
-        usize::try_from(p / SHARD_STRIPE)
-            .ok()
-            .and_then(|i| self.owner.get(i))
-            .map_or(UNOWNED, |o| o.load(Ordering::Relaxed))
+        stripe_slot(&self.owner, p).map_or(UNOWNED, |o| o.load(Ordering::Relaxed))
     }
 
     /// Sends a part that is not a page batch.
@@ -1112,15 +1106,8 @@ impl<'a> Pump<'a> {
 /// Gives the stripes of `unit` to shard `s`.
 fn claim(owner: &[AtomicU8], unit: &[u64], s: usize) {
     let s = u8::try_from(s).unwrap_or(UNOWNED);
-    let mut last = None;
-    for &p in unit {
-        let stripe = p / SHARD_STRIPE;
-        if last != Some(stripe) {
-            if let Some(o) = usize::try_from(stripe).ok().and_then(|i| owner.get(i)) {
-                o.store(s, Ordering::Relaxed);
-            }
-            last = Some(stripe);
-        }
+    for o in slots_of(owner, unit) {
+        o.store(s, Ordering::Relaxed);
     }
 }
 
