@@ -135,6 +135,9 @@ pub struct Decoder {
     decomp: Decompressors,
     seq: u64,
     poisoned: bool,
+    /// Page frames without a checksum are accepted
+    /// ([`Decoder::accept_unchecked`]).
+    accept_unchecked: bool,
     entries: Vec<Entry>,
     out: Vec<Out>,
     chunk: Vec<u8>,
@@ -158,10 +161,22 @@ impl Decoder {
             decomp: Decompressors::new(),
             seq: 0,
             poisoned: false,
+            accept_unchecked: false,
             entries: Vec::new(),
             out: Vec::new(),
             chunk: Vec::new(),
         }
+    }
+
+    /// With `true`, accepts page frames that carry no checksum
+    /// ([`FLAG_UNCHECKED`](crate::frame::FLAG_UNCHECKED), written by an
+    /// encoder with [`Encoder::set_page_checksums`](crate::Encoder::set_page_checksums)
+    /// off) besides checked ones. Only for frames taken from a container
+    /// that verified every byte of them against what their sender sent
+    /// (an AMST region the receiver finished): nothing else would notice
+    /// them corrupted. Off by default ([`DecodeError::Unchecked`]).
+    pub fn accept_unchecked(&mut self, on: bool) {
+        self.accept_unchecked = on;
     }
 
     /// Holds `baseline`: pages the encoder may refer to by hash once it has
@@ -535,7 +550,7 @@ impl Decoder {
                 found: h.kind.name(),
             });
         }
-        verify(self.key.as_ref(), &h, frame)?;
+        verify(self.key.as_ref(), self.accept_unchecked, &h, frame)?;
         if u64::from(h.raw_len) > self.limits.max_raw_len {
             return Err(DecodeError::OverLimit {
                 what: "payload length",

@@ -3,8 +3,8 @@
 use crate::baseline::BaselineAdvert;
 use crate::compress::{Compressors, Estimate, Method, bound};
 use crate::frame::{
-    CHECKSUM_LEN, ChunkDigest, FLAG_KEYED, FrameHeader, FrameKind, HEADER_LEN, VERSION, checksum,
-    chunk_checksum,
+    CHECKSUM_LEN, ChunkDigest, FLAG_KEYED, FLAG_UNCHECKED, FrameHeader, FrameKind, HEADER_LEN,
+    VERSION, checksum, chunk_checksum,
 };
 use crate::store::{FastMap, Store};
 use crate::table::{self, Entry, EntryKind};
@@ -126,6 +126,8 @@ pub struct Encoder {
     comp: Compressors,
     seq: u64,
     poisoned: bool,
+    /// Page frames carry their checksum (see [`Encoder::set_page_checksums`]).
+    page_checksums: bool,
     pending: Vec<Pending>,
     deltas: Vec<u8>,
     table: Vec<u8>,
@@ -149,10 +151,23 @@ impl Encoder {
             comp: Compressors::new(),
             seq: 0,
             poisoned: false,
+            page_checksums: true,
             pending: Vec::new(),
             deltas: Vec::new(),
             table: Vec::new(),
         })
+    }
+
+    /// With `false`, the page frames this encoder writes from now on carry
+    /// no checksum ([`FLAG_UNCHECKED`]): for frames that travel inside a
+    /// container that verifies every byte before they are decoded (an AMST
+    /// region, whose keyed digest the receiver checks), where the frame's
+    /// own BLAKE3 would be a second pass over the same bytes at each end.
+    /// Their decoder must be told
+    /// ([`Decoder::accept_unchecked`](crate::Decoder::accept_unchecked)).
+    /// Chunk frames always carry theirs. On by default.
+    pub fn set_page_checksums(&mut self, on: bool) {
+        self.page_checksums = on;
     }
 
     /// Uses the receiver's baseline advertisement: pages whose content it
@@ -313,12 +328,17 @@ impl Encoder {
                     return Err(e);
                 }
             };
+        let flags = match (self.page_checksums, self.key.is_some()) {
+            (false, _) => FLAG_UNCHECKED,
+            (true, true) => FLAG_KEYED,
+            (true, false) => 0,
+        };
         let header = FrameHeader {
             version: VERSION,
             kind: FrameKind::Pages,
             compression,
             page_shift: self.page_shift,
-            flags: if self.key.is_some() { FLAG_KEYED } else { 0 },
+            flags,
             entries: self.pending.len() as u32,
             table_len: t as u32,
             payload_len: payload_len as u32,
@@ -327,10 +347,14 @@ impl Encoder {
         };
         header.write(&mut out[..HEADER_LEN]);
         let body = payload_at + payload_len;
-        let sum = checksum(self.key.as_ref(), &out[..body]);
-        out[body..body + CHECKSUM_LEN].copy_from_slice(sum.as_bytes());
+        let mut end = body;
+        if self.page_checksums {
+            let sum = checksum(self.key.as_ref(), &out[..body]);
+            end += CHECKSUM_LEN;
+            out[body..end].copy_from_slice(sum.as_bytes());
+        }
         self.seq += 1;
-        stats.frame_bytes = (body + CHECKSUM_LEN) as u64;
+        stats.frame_bytes = end as u64;
         stats.compression = Some(compression);
         Ok(stats)
     }

@@ -71,6 +71,12 @@ pub enum DecodeError {
     /// The checksum does not match the frame's contents.
     #[error("checksum mismatch")]
     BadChecksum,
+    /// The frame carries no checksum ([`FLAG_UNCHECKED`](crate::frame::FLAG_UNCHECKED))
+    /// and this decoder was not told that its container verifies frames.
+    #[error(
+        "frame carries no checksum, which this decoder accepts only from a container that verifies its frames"
+    )]
+    Unchecked,
     /// The frame is keyed and this decoder has no key, or the other way round.
     #[error("frame is {}keyed but the decoder {}", if *.frame_keyed { "" } else { "not " }, if *.frame_keyed { "has no key" } else { "requires a key" })]
     KeyMismatch {

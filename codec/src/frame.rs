@@ -1,5 +1,7 @@
 //! The frame envelope shared by page frames and chunk frames: a fixed
-//! 40-byte header, a table, a payload and a 32-byte BLAKE3 checksum.
+//! 40-byte header, a table, a payload and a 32-byte BLAKE3 checksum (which
+//! a page frame carried by a verifying container leaves out:
+//! [`FLAG_UNCHECKED`]).
 //! docs/wire-format.md documents it byte by byte.
 
 use crate::{Compression, DecodeError};
@@ -21,6 +23,13 @@ pub const HEADER_LEN: usize = 40;
 pub const CHECKSUM_LEN: usize = 32;
 /// Flag: the checksum is keyed BLAKE3 with the session key.
 pub const FLAG_KEYED: u16 = 1;
+/// Flag (page frames only, never with [`FLAG_KEYED`]): the frame has no
+/// checksum, because its container verifies it end to end before it is
+/// decoded (as the AMST transport verifies every region against its
+/// keyed digest). A decoder refuses such a frame unless its owner said
+/// that its frames come from such a container
+/// ([`Decoder::accept_unchecked`](crate::Decoder::accept_unchecked)).
+pub const FLAG_UNCHECKED: u16 = 2;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +91,18 @@ impl FrameHeader {
         HEADER_LEN as u64
             + u64::from(self.table_len)
             + u64::from(self.payload_len)
-            + CHECKSUM_LEN as u64
+            + self.checksum_len() as u64
+    }
+
+    /// Whether the frame carries no checksum ([`FLAG_UNCHECKED`]).
+    pub fn unchecked(&self) -> bool {
+        self.flags & FLAG_UNCHECKED != 0
+    }
+
+    /// Bytes of checksum at the frame's end: [`CHECKSUM_LEN`], or 0 for an
+    /// unchecked frame.
+    pub fn checksum_len(&self) -> usize {
+        if self.unchecked() { 0 } else { CHECKSUM_LEN }
     }
 
     /// Writes the header into `out[..HEADER_LEN]`.
@@ -156,7 +176,11 @@ impl FrameHeader {
         let compression =
             Compression::from_wire(frame[6]).ok_or(DecodeError::UnknownCompression(frame[6]))?;
         let flags = u16_at(8);
-        if flags & !FLAG_KEYED != 0 {
+        // Unchecked frames are page frames with no key to check with.
+        let unchecked_ok = kind == FrameKind::Pages && flags & FLAG_KEYED == 0;
+        if flags & !(FLAG_KEYED | FLAG_UNCHECKED) != 0
+            || (flags & FLAG_UNCHECKED != 0 && !unchecked_ok)
+        {
             return Err(DecodeError::Reserved {
                 field: "flags",
                 value: u64::from(flags),
@@ -287,12 +311,21 @@ pub(crate) fn chunk_checksum(
 }
 
 /// Checks the trailing checksum of a whole frame whose header is `h`, and
-/// that its keying agrees with the decoder's.
+/// that its keying agrees with the decoder's; an unchecked frame
+/// ([`FLAG_UNCHECKED`]) passes only where `accept_unchecked`.
 pub(crate) fn verify(
     key: Option<&SessionKey>,
+    accept_unchecked: bool,
     h: &FrameHeader,
     frame: &[u8],
 ) -> Result<(), DecodeError> {
+    if h.unchecked() {
+        return if accept_unchecked {
+            Ok(())
+        } else {
+            Err(DecodeError::Unchecked)
+        };
+    }
     let keyed = h.flags & FLAG_KEYED != 0;
     if keyed != key.is_some() {
         return Err(DecodeError::KeyMismatch { frame_keyed: keyed });

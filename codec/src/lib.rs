@@ -20,7 +20,8 @@
 //! bytes): a ring of recent page contents that they fill and evict
 //! identically, so references and deltas never name something the receiver
 //! lacks. Frames carry a BLAKE3 checksum, keyed with the session key when
-//! there is one; the [`Decoder`] rejects every malformed frame with a
+//! there is one (page frames inside a container that verifies them may
+//! leave it out: [`Encoder::set_page_checksums`]); the [`Decoder`] rejects every malformed frame with a
 //! [`DecodeError`], never panics, and never allocates past its
 //! [`DecodeLimits`]. The byte format is in `docs/wire-format.md`.
 //!

@@ -1,6 +1,7 @@
 //! Round trips over random mixes of page kinds, under every policy, with the
 //! state evolving over many frames on both sides; corruption and misuse.
 
+use dwcp_codec::frame::{FLAG_KEYED, FLAG_UNCHECKED, FrameHeader};
 use dwcp_codec::{
     Baseline, ChunkDigest, CodecConfig, DecodeError, DecodedPage, Decoder, Encoder, PageRef,
     PageSize, Policy, SessionKey,
@@ -77,16 +78,18 @@ fn policies() -> Vec<Policy> {
 
 /// Runs frames through an encoder/decoder pair and checks every page.
 fn run(frames: &[Vec<(u64, Gen)>], policy: Policy, state_limit: usize, key: Option<SessionKey>) {
-    run_with(frames, policy, state_limit, key, None);
+    run_with(frames, policy, state_limit, key, None, true);
 }
 
-/// [`run`], the decoder first adopting `arena` as its state's memory.
+/// [`run`], the decoder first adopting `arena` as its state's memory, the
+/// page frames with or without their checksums.
 fn run_with(
     frames: &[Vec<(u64, Gen)>],
     policy: Policy,
     state_limit: usize,
     key: Option<SessionKey>,
     arena: Option<Vec<u8>>,
+    checksums: bool,
 ) {
     let base_img: Vec<u8> = (0..4u64).flat_map(|s| fill(1000 + s, s % 2 == 0)).collect();
     let baseline = Baseline::from_image(PageSize::DEFAULT, &base_img).unwrap();
@@ -96,8 +99,10 @@ fn run_with(
         key,
     };
     let mut enc = Encoder::new(&config, policy).unwrap();
+    enc.set_page_checksums(checksums);
     enc.set_baseline(baseline.advertise()).unwrap();
     let mut dec = Decoder::new(&config);
+    dec.accept_unchecked(!checksums);
     if let Some(a) = arena {
         assert!(dec.adopt_arena(a).is_ok(), "a fresh decoder takes an arena");
     }
@@ -134,6 +139,7 @@ fn run_with(
             .collect();
         let stats = enc.encode_pages(&pages, &mut frame).unwrap();
         assert_eq!(stats.frame_bytes as usize, frame.len());
+        assert_eq!(FrameHeader::peek(&frame).unwrap().unchecked(), !checksums);
         assert!(enc.state_bytes() <= state_limit);
         let decoded = dec.decode_pages(&frame).unwrap();
         assert_eq!(decoded.stats.raw, stats.raw);
@@ -201,7 +207,13 @@ proptest! {
         // Smaller than the state, as large, or larger; its bytes are noise.
         let limit = pages * PS + 100;
         let len = [limit / 3, limit, 2 * limit + 5][size];
-        run_with(&frames, policies()[p], limit, None, Some(vec![0xa5; len]));
+        run_with(&frames, policies()[p], limit, None, Some(vec![0xa5; len]), true);
+    }
+
+    #[test]
+    fn round_trip_without_page_checksums(frames in frames_strategy(), p in 0usize..5, keyed: bool) {
+        let key = keyed.then_some(SessionKey([7; 32]));
+        run_with(&frames, policies()[p], 1 << 20, key, None, false);
     }
 
     #[test]
@@ -318,6 +330,78 @@ fn keys_must_agree() {
     assert!(matches!(
         Decoder::new(&keyed).decode_pages(&g),
         Err(DecodeError::KeyMismatch { frame_keyed: false })
+    ));
+}
+
+#[test]
+fn a_page_frame_without_its_checksum_needs_a_decoder_told_so() {
+    let page = fill(9, true);
+    let pages = [PageRef {
+        index: 3,
+        data: &page,
+    }];
+    let keyed = CodecConfig {
+        key: Some(SessionKey([1; 32])),
+        ..CodecConfig::default()
+    };
+    let (mut checked, mut unchecked) = (Vec::new(), Vec::new());
+    let mut enc = Encoder::new(&keyed, Policy::Datacenter).unwrap();
+    enc.encode_pages(&pages, &mut checked).unwrap();
+    let mut enc = Encoder::new(&keyed, Policy::Datacenter).unwrap();
+    enc.set_page_checksums(false);
+    let stats = enc.encode_pages(&pages, &mut unchecked).unwrap();
+    // The same frame less its 32-byte checksum, flagged unchecked and not
+    // keyed (there is nothing to key).
+    assert_eq!(stats.frame_bytes as usize, unchecked.len());
+    assert_eq!(unchecked.len() + 32, checked.len());
+    let h = FrameHeader::peek(&unchecked).unwrap();
+    assert_eq!(h.flags, FLAG_UNCHECKED);
+    assert_eq!(h.frame_len(), unchecked.len() as u64);
+    assert_eq!(unchecked[40..], checked[40..checked.len() - 32]);
+
+    // Refused by default, without poisoning: the same decoder, once told,
+    // decodes it, whatever its key.
+    let mut dec = Decoder::new(&keyed);
+    let e = dec.decode_pages(&unchecked).unwrap_err();
+    assert_eq!(e, DecodeError::Unchecked);
+    assert!(!e.poisons_state());
+    dec.accept_unchecked(true);
+    let got: Vec<_> = dec.decode_pages(&unchecked).unwrap().iter().collect();
+    assert_eq!(
+        got,
+        vec![DecodedPage::Data {
+            index: 3,
+            bytes: &page[..]
+        }]
+    );
+    // Checked frames still have theirs checked by such a decoder.
+    let mut dec = Decoder::new(&keyed);
+    dec.accept_unchecked(true);
+    let mut bad = checked.clone();
+    let n = bad.len();
+    bad[n - 40] ^= 1;
+    assert_eq!(
+        dec.decode_pages(&bad).unwrap_err(),
+        DecodeError::BadChecksum
+    );
+    assert!(dec.decode_pages(&checked).is_ok());
+
+    // Unchecked with a key, or on a chunk frame, is no valid header.
+    let mut both = unchecked.clone();
+    both[8..10].copy_from_slice(&(FLAG_UNCHECKED | FLAG_KEYED).to_le_bytes());
+    assert!(matches!(
+        FrameHeader::peek(&both),
+        Err(DecodeError::Reserved { field: "flags", .. })
+    ));
+    let mut chunk = Vec::new();
+    Encoder::new(&CodecConfig::default(), Policy::Stored)
+        .unwrap()
+        .encode_chunk(b"abc", 0, &mut chunk)
+        .unwrap();
+    chunk[8..10].copy_from_slice(&FLAG_UNCHECKED.to_le_bytes());
+    assert!(matches!(
+        FrameHeader::peek(&chunk),
+        Err(DecodeError::Reserved { field: "flags", .. })
     ));
 }
 

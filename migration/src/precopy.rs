@@ -807,17 +807,23 @@ impl<'a> Pump<'a> {
             state_limit,
             ..CodecConfig::default()
         };
+        // Every batch is a region of the session, which the destination
+        // verifies end to end (keyed chunk checksums, the region's digest)
+        // before its applier sees a byte: the frames' own checksums would
+        // hash the same bytes a second time at each end.
+        let encoder = |codec: &CodecConfig| -> Result<Encoder, MigrationError> {
+            let mut e = Encoder::new(codec, cfg.policy)?;
+            e.set_page_checksums(false);
+            Ok(e)
+        };
         let shards = (0..cfg.shards.max(1))
             .map(|_| {
                 Ok(ShardTx {
-                    enc: Encoder::new(&codec, cfg.policy)?,
-                    stateless: Encoder::new(
-                        &CodecConfig {
-                            state_limit: 0,
-                            ..CodecConfig::default()
-                        },
-                        cfg.policy,
-                    )?,
+                    enc: encoder(&codec)?,
+                    stateless: encoder(&CodecConfig {
+                        state_limit: 0,
+                        ..CodecConfig::default()
+                    })?,
                     use_stateless: false,
                     remember_stateless: true,
                     sent_hash: std::collections::HashMap::new(),
@@ -2081,11 +2087,18 @@ fn apply_loop(
         {
             let (flags, bytes) = held.remove(&(shard, seq)).unwrap_or_default();
             let s = usize::from(shard);
-            while decoders.len() <= s {
-                let mut dec = Decoder::new(&CodecConfig {
-                    state_limit: codec.state_limit,
+            // Batches come from regions the transport finished, so verified
+            // end to end: their frames need no checksum of their own.
+            let decoder = |state_limit| {
+                let mut d = Decoder::new(&CodecConfig {
+                    state_limit,
                     ..CodecConfig::default()
                 });
+                d.accept_unchecked(true);
+                d
+            };
+            while decoders.len() <= s {
+                let mut dec = decoder(codec.state_limit);
                 if codec.state_limit > 0
                     && let Some(a) = lock(&shared.arenas).pop()
                 {
@@ -2097,12 +2110,7 @@ fn apply_loop(
                 next.push(0);
             }
             let dec = if flags & BATCH_STATELESS != 0 {
-                stateless[s].get_or_insert_with(|| {
-                    Decoder::new(&CodecConfig {
-                        state_limit: 0,
-                        ..CodecConfig::default()
-                    })
-                })
+                stateless[s].get_or_insert_with(|| decoder(0))
             } else {
                 &mut decoders[s]
             };
@@ -2178,15 +2186,9 @@ fn apply(
     let zero = [0u8; PAGE_SIZE];
     while at < bytes.len() {
         // The frame's length from its header (the decoder checks the rest).
-        let head = bytes
-            .get(at..at + dwcp_codec::frame::HEADER_LEN)
-            .ok_or("a page frame header runs past its batch")?;
-        let u32_at =
-            |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
-        let n = dwcp_codec::frame::HEADER_LEN
-            + dwcp_codec::frame::CHECKSUM_LEN
-            + u32_at(16) as usize
-            + u32_at(20) as usize;
+        let head = dwcp_codec::frame::FrameHeader::peek(&bytes[at..])
+            .map_err(|e| format!("a page frame of a batch: {e}"))?;
+        let n = usize::try_from(head.frame_len()).map_err(|_| "frame too long")?;
         let frame = bytes
             .get(at..at.checked_add(n).ok_or("frame too long")?)
             .ok_or("a page frame runs past its batch")?;

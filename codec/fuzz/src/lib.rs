@@ -12,6 +12,9 @@
 //!
 //! - [`MODE_RAW`]: the rest is a stream of frames fed as is (split where a
 //!   frame header says the frame ends): header parsing and the checksum;
+//!   page frames go to a second decoder too, one that accepts frames
+//!   flagged as carrying no checksum (`FLAG_UNCHECKED`), which the fuzzer
+//!   can reach the table and payload with directly;
 //! - [`MODE_SEALED`]: a configuration byte, then frame bodies (header,
 //!   table, payload; each prefixed by its length as a u16 LE) that the
 //!   harness seals: it fixes the magic, the table and payload lengths, the
@@ -37,7 +40,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 
 use dwcp_codec::corpus::{self, PageClass, Rng};
-use dwcp_codec::frame::{CHECKSUM_LEN, FLAG_KEYED, FrameHeader, FrameKind, HEADER_LEN, MAGIC};
+use dwcp_codec::frame::{
+    CHECKSUM_LEN, FLAG_KEYED, FLAG_UNCHECKED, FrameHeader, FrameKind, HEADER_LEN, MAGIC,
+};
 use dwcp_codec::{
     Baseline, BaselineAdvert, CodecConfig, ContentHash, DecodeError, DecodeLimits, DecodedPage,
     DecodedPages, Decoder, Encoder, PageRef, PageSize, Policy, SessionKey, delta, fingerprint,
@@ -541,11 +546,24 @@ pub fn page_frames(data: &[u8]) {
 }
 
 fn page_frames_raw(stream: &[u8]) {
-    let mut dec = Decoder::with_limits(&CodecConfig::default(), LIMITS);
-    for frame in split_frames(stream) {
-        match dec.decode_pages(frame) {
-            Ok(p) => check_decoded(&p, 4096),
-            Err(e) => check_poison_contract(&mut dec, &e),
+    // Once as a decoder that needs checksums reads it, once as one whose
+    // frames come from a verifying container: there a frame flagged
+    // unchecked reaches the table and payload with no checksum to forge.
+    for accept_unchecked in [false, true] {
+        let mut dec = Decoder::with_limits(&CodecConfig::default(), LIMITS);
+        dec.accept_unchecked(accept_unchecked);
+        for frame in split_frames(stream) {
+            match dec.decode_pages(frame) {
+                Ok(p) => {
+                    let unchecked = FrameHeader::peek(frame).is_ok_and(|h| h.unchecked());
+                    assert!(
+                        accept_unchecked || !unchecked,
+                        "an unchecked frame was accepted"
+                    );
+                    check_decoded(&p, 4096)
+                }
+                Err(e) => check_poison_contract(&mut dec, &e),
+            }
         }
     }
 }
@@ -1143,14 +1161,18 @@ pub fn frame_header(data: &[u8]) {
         return;
     };
     assert_eq!(data[..4], MAGIC);
-    assert_eq!(h.flags & !FLAG_KEYED, 0);
+    assert_eq!(h.flags & !(FLAG_KEYED | FLAG_UNCHECKED), 0);
+    if h.unchecked() {
+        // Only page frames, and with no key.
+        assert_eq!((h.kind, h.flags), (FrameKind::Pages, FLAG_UNCHECKED));
+    }
     if h.kind == FrameKind::Chunk {
         assert_eq!((h.page_shift, h.entries, h.table_len), (0, 0, 0));
     }
     if h.compression == dwcp_codec::Compression::Stored {
         assert_eq!(h.payload_len, h.raw_len);
     }
-    assert!(h.frame_len() >= (HEADER_LEN + CHECKSUM_LEN) as u64);
+    assert!(h.frame_len() >= (HEADER_LEN + h.checksum_len()) as u64);
     if let Ok(n) = usize::try_from(h.frame_len())
         && n <= data.len()
     {

@@ -203,6 +203,29 @@ pub fn all() -> Vec<Seed> {
         data.extend(frames.concat());
         add("page_frames", name, data);
     }
+    // page_frames, raw: a session whose frames carry no checksum (as a
+    // migration sends them inside verified regions).
+    {
+        let mut enc = Encoder::new(&CodecConfig::default(), Policy::Datacenter).expect("valid");
+        enc.set_page_checksums(false);
+        let mut dec = Decoder::with_limits(&CodecConfig::default(), LIMITS);
+        dec.accept_unchecked(true);
+        let mut data = vec![MODE_RAW];
+        for frame in &pages {
+            let refs: Vec<PageRef<'_>> = frame
+                .iter()
+                .map(|(index, data)| PageRef {
+                    index: *index,
+                    data,
+                })
+                .collect();
+            let mut out = Vec::new();
+            enc.encode_pages(&refs, &mut out).expect("encodes");
+            dec.decode_pages(&out).expect("decodes");
+            data.extend(out);
+        }
+        add("page_frames", "raw-unchecked", data);
+    }
     // page_frames, sealed: bodies of sessions of each sealed configuration.
     for (name, cfg, policy) in [
         ("sealed-datacenter", 3, Policy::Datacenter),
