@@ -708,7 +708,7 @@ dwcp_status dwcp_migration_wait_incoming(dwcp_migration *m,
 dwcp_status dwcp_migration_cancel(const dwcp_migration *m);
 
 // Writes into `out` (32 bytes) the digest of guest memory that an
-// incoming report's `memory_digest` holds: BLAKE3 over the 128-bit BLAKE3
+// incoming report's `memory_digest` holds: BLAKE3 over the 128-bit XXH3
 // hashes of every 4 KiB page of `regions`, in order. Run on a paused
 // source after a migration to check that both sides hold the same memory.
 //

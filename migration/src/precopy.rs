@@ -1583,17 +1583,30 @@ pub struct IncomingReport {
     pub memory_digest: [u8; 32],
 }
 
-/// Length of a page's hash in [`memory_digest`].
+/// Length of a page's hash ([`page_hash`], [`digest_page_hash`]).
 const PAGE_HASH: usize = 16;
 
-/// The hash of one page in [`memory_digest`].
+/// BLAKE3 of a page, cut to 128 bits: what a source's shard remembers of
+/// a page it sent stateless, to skip it later if unchanged. A collision
+/// there would leave a changed page unsent, and the guest chooses its
+/// pages' contents, so this hash must be one that no one can collide.
 fn page_hash(page: &[u8]) -> [u8; PAGE_HASH] {
     let mut h = [0u8; PAGE_HASH];
     h.copy_from_slice(&blake3::hash(page).as_bytes()[..PAGE_HASH]);
     h
 }
 
-/// BLAKE3 of the concatenated 128-bit BLAKE3 hashes of every page of the
+/// The hash of one page in [`memory_digest`]: XXH3-128, 9 GB/s on 4 KiB
+/// pages here against BLAKE3's 2, and the destination hashes every page
+/// it applies. The digest is a check of the migration's own work (the
+/// transport already authenticated every byte that arrived), so it needs
+/// to catch any accidental difference, which a 128-bit hash does, not to
+/// resist a forger.
+fn digest_page_hash(page: &[u8]) -> [u8; PAGE_HASH] {
+    xxhash_rust::xxh3::xxh3_128(page).to_le_bytes()
+}
+
+/// BLAKE3 of the concatenated 128-bit XXH3 hashes of every page of the
 /// regions, in order: what both ends of a migration compute to check that
 /// the destination's memory equals the source's at the pause. The source
 /// reads its (paused, so frozen) memory after the migration; the
@@ -1606,7 +1619,7 @@ pub fn memory_digest(regions: &[GuestRegion]) -> Result<[u8; 32], HvError> {
             let n = PAGE_SIZE.min(r.len() - p * PAGE_SIZE);
             page[n..].fill(0);
             r.read(p * PAGE_SIZE, &mut page[..n])?;
-            hashes.push(page_hash(&page));
+            hashes.push(digest_page_hash(&page));
         }
     }
     Ok(*blake3::hash(hashes.as_flattened()).as_bytes())
@@ -2012,7 +2025,7 @@ fn apply_loop(
     let regions = hv.regions();
     let total: usize = regions.iter().map(GuestRegion::pages).sum();
     let mut written = vec![0u64; bitmap_words(total)];
-    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
+    let zero_hash = digest_page_hash(&[0u8; PAGE_SIZE]);
     let mut hashes = vec![zero_hash; total];
     let mut decoders: Vec<Decoder> = Vec::new();
     // Per shard: the decoder of its stateless batches, made at the first.
@@ -2179,7 +2192,7 @@ fn apply(
     bytes: &[u8],
     corrupt: Option<u64>,
 ) -> Result<u64, String> {
-    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
+    let zero_hash = digest_page_hash(&[0u8; PAGE_SIZE]);
     let mut readback = vec![0u8; PAGE_SIZE];
     let mut at = 0usize;
     let mut pages = 0u64;
@@ -2226,7 +2239,7 @@ fn apply(
                     // while in cache), not of what was meant to be written.
                     r.read(off, &mut readback).map_err(|e| e.to_string())?;
                     if let Some(h) = hashes.get_mut(index as usize) {
-                        *h = page_hash(&readback);
+                        *h = digest_page_hash(&readback);
                     }
                     pages += 1;
                 }
