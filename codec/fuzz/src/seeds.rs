@@ -366,5 +366,21 @@ pub fn all() -> Vec<Seed> {
     );
     add("frame_header", "chunk-frame", frames[0].clone());
     add("frame_header", "stored-chunk-frame", frames[2].clone());
+
+    // lz4_block: raw blocks (mode 0, a u16 output size, the block), and
+    // mode 1's ops building text that lz4_flex compresses.
+    add(
+        "lz4_block",
+        "raw-literals",
+        b"\x00\x05\x00\x50hello".to_vec(),
+    );
+    add(
+        "lz4_block",
+        "raw-overlap",
+        vec![0x00, 0x14, 0x00, 0x1f, b'a', 0x01, 0x00, 0x00],
+    );
+    let mut data = b"\x01\x10\x41\x21\x05\x02\x1f".to_vec();
+    data.extend(b"the quick brown fox jumps over the lazy dog".repeat(3));
+    add("lz4_block", "structured-text", data);
     out
 }
