@@ -23,9 +23,10 @@
 //!   payload and the decoder's state;
 //! - [`MODE_STRUCTURED`]: the rest drives an [`Encoder`] session (policy,
 //!   state limit, page size, key, baseline and the pages, all chosen by the
-//!   input); its frames must decode to exactly the pages encoded, and one of
-//!   them is mutated (optionally re-sealed): the decoder must reject it, or
-//!   accept it only when its checksum is valid; a rejection that does not
+//!   input, and for an unkeyed session whether page frames carry their
+//!   checksum); its frames must decode to exactly the pages encoded, and one
+//!   of them is mutated (optionally re-sealed): the decoder must reject it,
+//!   or accept it only when its checksum is valid (any time, without one); a rejection that does not
 //!   poison the decoder must leave it in step (the unmutated frame then
 //!   decodes exactly).
 //!
@@ -674,6 +675,12 @@ fn page_frames_structured(inp: &mut Input<'_>) {
     };
     let mut enc = Encoder::new(&config, policy(c1)).expect("valid policy");
     let mut dec = Decoder::with_limits(&config, LIMITS);
+    // An unkeyed session may leave its page checksums out, as a migration
+    // does inside verified regions: mutants then reach the table and the
+    // payload as they are, and may be accepted with other pages.
+    let unchecked = key.is_none() && c0 & 0x10 != 0;
+    enc.set_page_checksums(!unchecked);
+    dec.accept_unchecked(unchecked);
 
     // A baseline of a few pages, advertised through its wire form.
     let mut baseline_pages = Vec::new();
@@ -754,13 +761,14 @@ fn page_frames_structured(inp: &mut Input<'_>) {
                     check_decoded(&got, ps);
                     let same = same_pages(&got, want);
                     assert!(
-                        resealed || same,
+                        resealed || unchecked || same,
                         "frame {i}: a mutated frame whose checksum was not recomputed \
                          was accepted with different pages"
                     );
-                    // A re-sealed mutant may carry other pages: from here on
-                    // the two ends may hold different state.
-                    diverged |= resealed;
+                    // A re-sealed (or unchecked) mutant may carry other
+                    // pages: from here on the two ends may hold different
+                    // state.
+                    diverged |= resealed || unchecked;
                     continue;
                 }
                 Err(e) => {
