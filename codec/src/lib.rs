@@ -21,9 +21,9 @@
 //! identically, so references and deltas never name something the receiver
 //! lacks. Frames carry a BLAKE3 checksum, keyed with the session key when
 //! there is one (page frames inside a container that verifies them may
-//! leave it out: [`Encoder::set_page_checksums`]); the [`Decoder`] rejects every malformed frame with a
-//! [`DecodeError`], never panics, and never allocates past its
-//! [`DecodeLimits`]. The byte format is in `docs/wire-format.md`.
+//! leave it out: [`Encoder::set_page_checksums`]); the [`Decoder`] rejects
+//! every malformed frame with a [`DecodeError`], never panics, and never
+//! allocates past its [`DecodeLimits`]. The byte format is in `docs/wire-format.md`.
 //!
 //! ```
 //! use dwcp_codec::{CodecConfig, Decoder, DecodedPage, Encoder, PageRef, Policy};

@@ -808,9 +808,10 @@ impl<'a> Pump<'a> {
             ..CodecConfig::default()
         };
         // Every batch is a region of the session, which the destination
-        // verifies end to end (keyed chunk checksums, the region's digest)
-        // before its applier sees a byte: the frames' own checksums would
-        // hash the same bytes a second time at each end.
+        // verifies end to end (chunk checksums, keyed in an authenticated
+        // session, and the region's digest) before its applier sees a
+        // byte: the frames' own checksums would hash the same bytes a
+        // second time at each end.
         let encoder = |codec: &CodecConfig| -> Result<Encoder, MigrationError> {
             let mut e = Encoder::new(codec, cfg.policy)?;
             e.set_page_checksums(false);
