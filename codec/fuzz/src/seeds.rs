@@ -73,6 +73,11 @@ pub fn encode_session(
             .expect("same page size");
         dec.set_baseline(sealed_baseline()).expect("same page size");
     }
+    encode_with(&mut enc, &mut dec, frames)
+}
+
+/// Encodes `frames` with `enc`, checking that `dec` takes each one.
+fn encode_with(enc: &mut Encoder, dec: &mut Decoder, frames: &[Pages]) -> Vec<Vec<u8>> {
     frames
         .iter()
         .map(|pages| {
@@ -211,19 +216,7 @@ pub fn all() -> Vec<Seed> {
         let mut dec = Decoder::with_limits(&CodecConfig::default(), LIMITS);
         dec.accept_unchecked(true);
         let mut data = vec![MODE_RAW];
-        for frame in &pages {
-            let refs: Vec<PageRef<'_>> = frame
-                .iter()
-                .map(|(index, data)| PageRef {
-                    index: *index,
-                    data,
-                })
-                .collect();
-            let mut out = Vec::new();
-            enc.encode_pages(&refs, &mut out).expect("encodes");
-            dec.decode_pages(&out).expect("decodes");
-            data.extend(out);
-        }
+        data.extend(encode_with(&mut enc, &mut dec, &pages).concat());
         add("page_frames", "raw-unchecked", data);
     }
     // page_frames, sealed: bodies of sessions of each sealed configuration.
