@@ -140,6 +140,7 @@ fn measure(
         ..CodecConfig::default()
     };
     let mut enc = Encoder::new(&config, policy)?;
+    enc.set_thread_cpu_clock(Some(dwcp_transport::thread_cpu_time));
     let mut dec = Decoder::new(&config);
     enc.prefault();
     dec.prefault();

@@ -182,6 +182,14 @@ pub const AUTO_CANDIDATES: [Method; 5] = [
     Method::Zstd(9),
 ];
 
+/// The calling thread's CPU time (on Linux, `CLOCK_THREAD_CPUTIME_ID`),
+/// or `None` where it cannot be read. The codec makes no system calls of
+/// its own; an owner that can read the clock gives it to its encoders
+/// ([`crate::Encoder::set_thread_cpu_clock`]) so that `auto` times its
+/// probes on it: a probe takes 0.1-1 ms, and one preempted on the wall
+/// clock made its method look several times slower than it is.
+pub type ThreadCpuClock = fn() -> Option<std::time::Duration>;
+
 /// Sample size used to probe methods that are not currently chosen.
 const PROBE_BYTES: usize = 64 << 10;
 /// Probe the other methods once every this many blocks.
@@ -214,6 +222,9 @@ pub(crate) struct Compressors {
     /// blocks (thread CPU time over wall time, EWMA), which turns probes
     /// timed on the CPU clock into the speeds blocks see.
     cpu_share: f64,
+    /// The calling thread's CPU clock, given by the owner (the codec does
+    /// no system calls); without one, probes are timed on the wall clock.
+    cpu_clock: Option<ThreadCpuClock>,
     blocks: u64,
     probe_scratch: Vec<u8>,
 }
@@ -244,6 +255,7 @@ impl Compressors {
             estimates: AUTO_CANDIDATES.iter().map(|&m| (m, None)).collect(),
             incumbent: None,
             cpu_share: 1.0,
+            cpu_clock: None,
             blocks: 0,
             probe_scratch: Vec::new(),
         }
@@ -355,11 +367,11 @@ impl Compressors {
         };
         let track =
             matches!(policy, Policy::Auto { .. }) || self.estimates.iter().any(|e| e.0 == method);
-        let t0 = track.then(|| (Instant::now(), thread_cpu_secs()));
+        let t0 = track.then(|| (Instant::now(), self.cpu_now()));
         let r = self.compress_with(method, src, dst)?;
         if let Some((wall, cpu)) = t0 {
             let wall = wall.elapsed().as_secs_f64();
-            if let (Some(c0), Some(c1)) = (cpu, thread_cpu_secs()) {
+            if let (Some(c0), Some(c1)) = (cpu, self.cpu_now()) {
                 self.note_share(c1 - c0, wall);
             }
             self.record(method, src.len(), r.1, wall);
@@ -395,6 +407,16 @@ impl Compressors {
                 _ => {}
             }
         }
+    }
+
+    /// Gives `auto` the calling thread's CPU clock (see [`ThreadCpuClock`]).
+    pub(crate) fn set_cpu_clock(&mut self, clock: Option<ThreadCpuClock>) {
+        self.cpu_clock = clock;
+    }
+
+    /// Seconds on the thread's CPU clock, if one was given and reads.
+    fn cpu_now(&self) -> Option<f64> {
+        self.cpu_clock.and_then(|c| c()).map(|d| d.as_secs_f64())
     }
 
     /// A block took `cpu` seconds of this thread's CPU in `wall` seconds.
@@ -436,9 +458,9 @@ impl Compressors {
                 // clock made its method look several times slower and
                 // then not worth probing again (measured: ZStd 1 at 46
                 // MB/s against ~300, LZ4 for the rest of round 0).
-                let t0 = (Instant::now(), thread_cpu_secs());
+                let t0 = (Instant::now(), self.cpu_now());
                 let (_, n) = self.compress_with(m, sample, &mut scratch)?;
-                let secs = match (t0.1, thread_cpu_secs()) {
+                let secs = match (t0.1, self.cpu_now()) {
                     (Some(c0), Some(c1)) => (c1 - c0) / self.cpu_share,
                     _ => t0.0.elapsed().as_secs_f64(),
                 };
@@ -491,24 +513,6 @@ impl Compressors {
             });
         }
     }
-}
-
-/// Seconds on the calling thread's CPU clock, where it can be read.
-fn thread_cpu_secs() -> Option<f64> {
-    #[cfg(unix)]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec for the duration of
-        // the call, and CLOCK_THREAD_CPUTIME_ID is a clock id every unix
-        // libc defines; the call writes only `ts`.
-        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
-            return Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9);
-        }
-    }
-    None
 }
 
 /// An estimate from one measurement.
@@ -734,6 +738,32 @@ mod tests {
         let mut c = Compressors::new();
         c.apply_probes(&[(il, est(1.0, 4.0))]);
         assert_eq!(slot(&c, Method::Lz4), est(1.0, 4.0));
+    }
+
+    #[test]
+    fn probes_on_the_cpu_clock_are_scaled_by_the_share_blocks_get() {
+        // A clock that advances 1 ms per read: every probe takes 1 ms of
+        // CPU, which at half the wall clock is 2 ms of a block's time.
+        fn clock() -> Option<std::time::Duration> {
+            thread_local!(static T: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+            Some(std::time::Duration::from_millis(T.with(|t| {
+                t.set(t.get() + 1);
+                t.get()
+            })))
+        }
+        let mut c = Compressors::new();
+        c.set_cpu_clock(Some(clock));
+        c.cpu_share = 0.5;
+        let data = b"page data, page data, ".repeat(4096);
+        c.choose_auto(1e6, &data).unwrap();
+        let want = PROBE_BYTES as f64 / 0.002;
+        for (m, e) in c.estimates() {
+            let e = e.unwrap();
+            assert!((e.bytes_per_sec - want).abs() < 1.0, "{m:?} {e:?}");
+        }
+        // A block that got a quarter of the wall clock lowers the share.
+        c.note_share(0.25, 1.0);
+        assert!((c.cpu_share - (0.5 - EWMA * 0.25)).abs() < 1e-12);
     }
 
     #[test]

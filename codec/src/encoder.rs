@@ -196,6 +196,13 @@ impl Encoder {
         &self.policy
     }
 
+    /// Gives `auto` the calling thread's CPU clock to time its probes on
+    /// (see [`crate::ThreadCpuClock`]); `None` (the default):
+    /// the wall clock.
+    pub fn set_thread_cpu_clock(&mut self, clock: Option<crate::ThreadCpuClock>) {
+        self.comp.set_cpu_clock(clock);
+    }
+
     /// The measured estimates behind `auto` (speed and ratio per method).
     pub fn estimates(&self) -> Vec<(Method, Estimate)> {
         self.comp

@@ -66,7 +66,7 @@ mod varint;
 pub use baseline::{Baseline, BaselineAdvert};
 pub use compress::{
     AUTO_CANDIDATES, Compression, DEFAULT_INTERNET_LEVEL, Estimate, MAX_ZSTD_LEVEL, Method, Policy,
-    choose,
+    ThreadCpuClock, choose,
 };
 pub use decoder::{DecodeLimits, DecodedPage, DecodedPages, Decoder};
 pub use encoder::{

@@ -815,6 +815,7 @@ impl<'a> Pump<'a> {
         let encoder = |codec: &CodecConfig| -> Result<Encoder, MigrationError> {
             let mut e = Encoder::new(codec, cfg.policy)?;
             e.set_page_checksums(false);
+            e.set_thread_cpu_clock(Some(dwcp_transport::thread_cpu_time));
             Ok(e)
         };
         let shards = (0..cfg.shards.max(1))

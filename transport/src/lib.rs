@@ -26,6 +26,27 @@ pub mod wire;
 
 pub use auth::Key;
 
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`): the clock a
+/// codec encoder's `auto` times its probes on
+/// (`dwcp_codec::Encoder::set_thread_cpu_clock`), which the sans-IO codec
+/// cannot read itself.
+pub fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the
+    // call, and CLOCK_THREAD_CPUTIME_ID is a clock id Linux defines; the
+    // call writes only `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
 /// Resolves `host:port` to its first address; the error names the input.
 pub fn resolve(addr: &str) -> Result<std::net::SocketAddr, TransportError> {
     use std::net::ToSocketAddrs;

@@ -1126,6 +1126,7 @@ async fn run_stream(shared: &Arc<Shared>, i: usize) -> Result<bool, TransportErr
         ..CodecConfig::default()
     };
     let mut enc = Encoder::new(&codec, cfg.policy)?;
+    enc.set_thread_cpu_clock(Some(crate::thread_cpu_time));
     let fixed_end = wire::HEADER_LEN + wire::DATA_FIXED_LEN;
     let mut buf = vec![0u8; fixed_end + max_frame + wire::TAG_LEN];
     let mut data = vec![0u8; chunk];
