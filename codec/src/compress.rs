@@ -202,16 +202,16 @@ const EWMA: f64 = 0.25;
 /// Compression contexts of one encoder (or one core), reused for every
 /// block, plus the estimates of the `auto` policy.
 ///
-/// The estimates are kept *on the same data*. A block's ratio depends on
+/// The ratios are kept *on the same data*. A block's ratio depends on
 /// its pages far more than on the method (a frame of text-like pages
 /// compresses ~4x with ZStd, one of code-like pages ~1.9x), so estimates
 /// of two methods last measured on different blocks cannot be compared:
 /// LZ4 last seen on a text frame looked as good as ZStd last seen on a
 /// code frame, and `auto` flipped between them (and to ZStd 3) with every
 /// such accident. So only the method that compresses the blocks (the
-/// *incumbent*) is measured on them; every other ratio moves with its
-/// ratio in proportion, and the probes, which run every candidate on the
-/// same sample, set only the proportions. Speeds stay each method's own
+/// *incumbent*) is measured on them; every other method's ratio moves with
+/// the incumbent's in proportion, and the probes, which run every
+/// candidate on the same sample, set only the proportions. Speeds stay each method's own
 /// (see [`Compressors::apply_probes`]).
 pub(crate) struct Compressors {
     zstd: Vec<(i32, zstd::bulk::Compressor<'static>)>,
